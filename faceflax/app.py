@@ -1,0 +1,39 @@
+"""Entry point shared by ``main.py`` and the tests: config -> the task's mode."""
+import logging as logging_std
+import os
+
+import jax
+from absl import logging
+
+from faceflax import tasks
+
+MODES = ('train', 'eval')
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops Orbax's per-save INFO chatter so the training log stays readable."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs():
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def run(config, workdir: str, mode: str = 'train'):
+  if mode not in MODES:
+    raise ValueError(f'--mode={mode!r}: expected one of {MODES}')
+  if not workdir:
+    raise ValueError('--workdir is required')
+  quiet_library_logs()
+  task = tasks.get(config.task)
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f'workdir {workdir} is not writable')
+  logging.info('task=%s mode=%s workdir=%s devices=%d (%s) processes=%d', config.task, mode,
+               workdir, jax.device_count(), jax.devices()[0].platform, jax.process_count())
+  logging.info('config:\n%s', config)
+  if mode == 'train':
+    return task.train_and_evaluate(config, workdir)
+  return task.evaluate(config, workdir)

@@ -1,0 +1,31 @@
+"""Prediction heads shared by the model families."""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class BinnedScoreHead(nn.Module):
+  """Regresses a bounded score as the expectation over fixed score bins.
+
+  Logits over bins give the score a distribution, so output distillation can
+  use a temperature-softened KL (Hinton et al.) instead of a bare MSE.
+  """
+  num_bins: int = 9
+  score_range: Sequence[float] = (1.0, 5.0)
+
+  @property
+  def centers(self) -> jax.Array:
+    lo, hi = self.score_range
+    return jnp.linspace(lo, hi, self.num_bins)
+
+  @nn.compact
+  def __call__(self, pooled, train: bool = False):
+    if self.num_bins < 2:
+      raise ValueError(f'num_bins must be >= 2, got {self.num_bins}')
+    x = nn.LayerNorm(name='norm')(pooled)
+    logits = nn.Dense(self.num_bins, kernel_init=nn.initializers.zeros, name='dense')(x)
+    logits = logits.astype(jnp.float32)
+    score = jnp.sum(jax.nn.softmax(logits) * self.centers, axis=-1)
+    return logits, score

@@ -1,0 +1,14 @@
+"""Methods, chosen by name from ``config.task``; each module has its stages and steps.
+
+A task module exposes ``train_and_evaluate(config, workdir)`` and
+``evaluate(config, workdir)``.
+"""
+import importlib
+
+TASKS = {'fbp_kd': 'faceflax.tasks.fbp_kd'}
+
+
+def get(name: str):
+  if name not in TASKS:
+    raise ValueError(f'unknown task {name!r}; known: {sorted(TASKS)}')
+  return importlib.import_module(TASKS[name])

@@ -1,0 +1,435 @@
+"""Facial beauty prediction: multi-scale MAE teacher, distilled into an MAE student.
+
+Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
+  teacher_pretrain  MAE self-supervision on unlabeled faces (multi-scale stem)
+  teacher_finetune  score regression, initialised from teacher_pretrain
+  student_pretrain  MAE self-supervision of the smaller plain-ViT student
+  student_kd        score loss + alpha * output KD + beta * feature KD from the
+                    frozen teacher, whose forward pass runs inside the student's
+                    jit-compiled step (one XLA graph)
+  evaluate          PC / MAE / RMSE, parameter counts and FLOPs -> results.json
+"""
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from faceflax import losses, metrics
+from faceflax.data import pipeline, sources, synthetic
+from faceflax.models import mae
+from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim
+from faceflax.train import state as state_lib
+
+STAGES = ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_kd', 'evaluate')
+
+
+# ----------------------------------------------------------------------------- models
+
+def make_model(model_config, image_size: int) -> mae.MAE:
+  kwargs = {k: v for k, v in model_config.to_dict().items() if k != 'variant'}
+  return mae.make(model_config.variant, image_size=image_size, **kwargs)
+
+
+def init_params(model: mae.MAE, rng, image_size: int):
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  rngs = {'params': rng, 'mask': jax.random.fold_in(rng, 1), 'dropout': jax.random.fold_in(rng, 2)}
+  return model.init(rngs, x, method=model.init_all)['params']
+
+
+def layer_id(path: str, depth: int) -> int:
+  """Layer index for layer-wise lr decay: stem 0, block i -> i + 1, head depth + 1."""
+  if path.startswith('embed') or 'mask_token' in path:
+    return 0
+  if path.startswith('encoder/block'):
+    return int(path.split('/')[1][len('block'):]) + 1
+  return depth + 1
+
+
+class FeatureProjector(nn.Module):
+  """Maps student tokens to the teacher's width for feature distillation."""
+  widths: tuple
+
+  @nn.compact
+  def __call__(self, tokens):
+    return [nn.Dense(w, name=f'proj{i}')(t) for i, (w, t) in enumerate(zip(self.widths, tokens))]
+
+
+# ----------------------------------------------------------------------------- data
+
+def labeled_examples(config, split: str, workdir: str):
+  """The labeled faces; with no ``data.dir``, the built-in synthetic faces."""
+  data_dir = config.data.dir
+  if not data_dir:
+    data_dir = synthetic.write_folder_dataset(
+        os.path.join(workdir, 'synthetic_faces'), num_train=config.data.synthetic.num_train,
+        num_val=config.data.synthetic.num_val, num_test=config.data.synthetic.num_test,
+        size=config.data.synthetic.size, seed=config.data.synthetic.seed)
+    logging.info('no data.dir given: using the built-in procedurally drawn faces in %s', data_dir)
+  return sources.load_examples(data_dir, split, label_columns=('score',),
+                               protocol=config.data.protocol)
+
+
+def unlabeled_paths(config, workdir: str):
+  """Pretraining images: the labeled train split plus ``data.unlabeled`` folders."""
+  paths = list(labeled_examples(config, config.data.train_split, workdir).paths)
+  extra = [d for d in config.data.unlabeled.split(',') if d.strip()]
+  if extra:
+    paths += sources.list_unlabeled_images([d.strip() for d in extra])
+  logging.info('pretraining on %d unlabeled faces', len(paths))
+  return tuple(paths)
+
+
+def _per_process(batch_size: int) -> int:
+  return batch_size // jax.process_count()
+
+
+def train_batches(config, paths, labels, batch_size, seed):
+  return functools.partial(
+      pipeline.make_train_dataset, paths, labels, batch_size=batch_size, pp=train_pp(config),
+      seed=seed, cache_pp=cache_pp(config), process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def train_pp(config) -> str:
+  return config.data.train_pp.replace('{size}', str(config.data.image_size))
+
+
+def cache_pp(config) -> str:
+  return f'decode|resize({config.data.image_size})'
+
+
+# ----------------------------------------------------------------------------- stages
+
+def pretrain_stage(name, model, cfg, paths, config) -> loop.Stage:
+  size = config.data.image_size
+
+  def init_fn(rng):
+    params = init_params(model, rng, size)
+    return state_lib.init_state(params, tx)
+
+  tx, sched = optim.adamw(cfg, cfg.steps)
+
+  def loss_fn(params, batch, rng):
+    out = model.apply({'params': params}, batch['image'], train=True, method=model.pretrain,
+                      rngs={'mask': rng, 'dropout': jax.random.fold_in(rng, 1)})
+    return losses.mae_reconstruction(out['pred'], out['target'], out['mask'], cfg.norm_pix), {}
+
+  return loop.Stage(
+      name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
+      update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+      batches=train_batches(config, paths, {}, cfg.batch_size, config.seed))
+
+
+def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage:
+  size = config.data.image_size
+
+  def init_params_fn(rng):
+    params = init_params(model, rng, size)
+    if pretrained is not None:
+      params, _ = state_lib.merge_pretrained(params, pretrained)
+    return params
+
+  template = jax.eval_shape(init_params_fn, jax.random.key(0))
+  tx, sched = optim.adamw(cfg, cfg.steps, template,
+                          functools.partial(layer_id, depth=model.depth), model.depth + 1)
+  init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx)
+
+  def loss_fn(params, batch, rng):
+    out = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
+    loss = losses.score_regression(out['score'], batch['score'], kind=cfg.loss)
+    return loss, {}
+
+  return loop.Stage(
+      name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
+      update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+      batches=train_batches(config, examples.paths, {'score': examples.labels['score']},
+                            cfg.batch_size, config.seed + 1))
+
+
+def kd_pairs(cfg, student: mae.MAE, teacher: mae.MAE):
+  """(student_block, teacher_block) pairs; negative indices count from the end."""
+  pairs = [tuple(int(i) for i in p.split(':')) for p in cfg.feature_pairs.split(',') if p]
+  return [(s % student.depth, t % teacher.depth) for s, t in pairs]
+
+
+def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teacher_params,
+             config) -> loop.Stage:
+  """Student step with the frozen teacher's forward pass inside (one XLA graph)."""
+  size = config.data.image_size
+  if student.grid != teacher.grid:
+    raise ValueError(f'feature KD needs equal token grids: student {student.grid}^2, '
+                     f'teacher {teacher.grid}^2 (image_size / patch)')
+  pairs = kd_pairs(cfg, student, teacher)
+  projector = FeatureProjector(tuple(teacher.width for _ in pairs))
+
+  def init_params_fn(rng):
+    params = init_params(student, rng, size)
+    if pretrained is not None:
+      params, _ = state_lib.merge_pretrained(params, pretrained)
+    tokens = [jnp.zeros((1, student.grid ** 2, student.width))] * len(pairs)
+    return {'student': params,
+            'projector': projector.init(jax.random.fold_in(rng, 3), tokens)['params']}
+
+  def kd_layer_id(path):  # the projector trains at the head's rate
+    if path.startswith('student/'):
+      return layer_id(path[len('student/'):], student.depth)
+    return student.depth + 1
+
+  template = jax.eval_shape(init_params_fn, jax.random.key(0))
+  tx, sched = optim.adamw(cfg, cfg.steps, template, kd_layer_id, student.depth + 1)
+  init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx)
+
+  def loss_fn(params, batch, rng, teacher_params):
+    images = batch['image']
+    t_out = teacher.apply({'params': jax.lax.stop_gradient(teacher_params)}, images)
+    s_out = student.apply({'params': params['student']}, images, train=True,
+                          rngs={'dropout': rng})
+    score = losses.score_regression(s_out['score'], batch['score'], batch['has_label'], cfg.loss)
+    terms = {'score_loss': score}
+    total = score
+    if cfg.alpha:
+      terms['output_kd'] = losses.distillation_kl(s_out['logits'], t_out['logits'], cfg.temperature)
+      total += cfg.alpha * terms['output_kd']
+    if cfg.beta and pairs:
+      projected = projector.apply({'params': params['projector']},
+                                  [s_out['hidden'][s] for s, _ in pairs])
+      terms['feature_kd'] = sum(losses.feature_distillation(p, t_out['hidden'][t])
+                                for p, (_, t) in zip(projected, pairs)) / len(pairs)
+      total += cfg.beta * terms['feature_kd']
+    return total, terms
+
+  score = examples.labels['score']
+  labeled = train_batches(config, examples.paths, {'score': score, 'has_label': np.ones_like(score)},
+                          cfg.batch_size, config.seed + 2)
+  extra = None
+  if cfg.unlabeled_batch_size and unlabeled:
+    zeros = np.zeros(len(unlabeled), np.float32)
+    extra = train_batches(config, unlabeled, {'score': zeros, 'has_label': zeros},
+                          cfg.unlabeled_batch_size, config.seed + 3)
+
+  def batches(start_step):
+    # Labeled faces carry the score loss; unlabeled ones only the KD terms.
+    it = labeled(start_step=start_step)
+    if extra is None:
+      yield from it
+      return
+    for a, b in zip(it, extra(start_step=start_step)):
+      yield {k: np.concatenate([a[k], b[k]]) for k in a}
+
+  return loop.Stage(
+      name=name, num_steps=cfg.steps, batch_size=cfg.batch_size + (cfg.unlabeled_batch_size if extra else 0),
+      init_fn=init_fn, update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+      batches=batches, consts=(teacher_params,))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def predict_scores(model, params, examples, config, mesh) -> np.ndarray:
+  """Scores every example exactly once (padded final batch masked out)."""
+  bs = config.eval_batch_size
+  mesh_lib.check_batch_size(bs, 'eval_batch_size')
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x)['score'],
+                    out_shardings=mesh_lib.replicated(mesh))
+  ds = pipeline.make_eval_dataset(examples.paths, {}, batch_size=_per_process(bs),
+                                  pp=config.data.eval_pp, cache_pp=cache_pp(config),
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  scores = []
+  for batch in ds:
+    mask = batch.pop('mask')
+    arrays = mesh_lib.put_batch({'image': batch['image'], 'mask': mask}, mesh)
+    out = forward(params, arrays['image'])
+    scores.append(np.asarray(out)[np.asarray(multihost_utils.process_allgather(arrays['mask'], tiled=True))])
+  # Row order: with one process this is the examples' order; with several,
+  # process-major, so gather the labels the same way.
+  return np.concatenate(scores)
+
+
+def model_report(model, params, size: int) -> dict:
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
+  flops = loop.flops_per_example(lambda p, im: model.apply({'params': p}, im)['score'], params, x)
+  return {'params': loop.count_params(params), 'mflops_per_image': flops / 1e6}
+
+
+def score_models(models: dict, examples, config, mesh) -> dict:
+  target = examples.labels['score']
+  if jax.process_count() > 1:
+    raise NotImplementedError('multi-process evaluation order is not implemented yet')
+  out = {}
+  for who, (model, params) in models.items():
+    pred = predict_scores(model, params, examples, config, mesh)
+    out[who] = {**metrics.regression_report(pred, target),
+                **model_report(model, params, config.data.image_size)}
+  return out
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def _stage_dir(workdir: str, config, name: str) -> str:
+  """Where a finished stage is read from: this workdir, else ``config.reuse_from``."""
+  if loop.is_done(workdir, name) or not config.reuse_from:
+    return os.path.join(workdir, name)
+  if loop.is_done(config.reuse_from, name):
+    logging.info('%s: reusing the finished stage in %s', name, config.reuse_from)
+  return os.path.join(config.reuse_from, name)
+
+
+def load_stage_params(workdir, config, name, init_state_fn, mesh):
+  """Params of a finished stage (the state's 'params' entry)."""
+  abstract_state = checkpoint.abstract(jax.eval_shape(init_state_fn, jax.random.key(0)),
+                                       mesh_lib.replicated(mesh))
+  _, state = checkpoint.load_params(os.path.join(_stage_dir(workdir, config, name), 'ckpt'),
+                                    abstract_state, name)
+  return state['params']
+
+
+def parse_stages(config) -> list[str]:
+  stages = [s.strip() for s in config.stages.split(',') if s.strip()]
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f'config.stages: unknown stage(s) {unknown}; known: {list(STAGES)}')
+  return stages
+
+
+class _Job:
+  """Builds each stage lazily; a stage's inputs come from earlier stages' checkpoints."""
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+    self.mesh = mesh_lib.make_mesh()
+    size = config.data.image_size
+    self.teacher = make_model(config.teacher.model, size)
+    self.student = make_model(config.student.model, size)
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    self._cache = {}
+
+  def stage(self, name) -> loop.Stage:
+    c, w = self.config, self.workdir
+    if name == 'teacher_pretrain':
+      st = pretrain_stage(name, self.teacher, c.teacher.pretrain, unlabeled_paths(c, w), c)
+      st.on_log = self._reconstruction_logger(self.teacher, c.teacher.pretrain, name)
+      return st
+    if name == 'student_pretrain':
+      return pretrain_stage(name, self.student, c.student.pretrain, unlabeled_paths(c, w), c)
+    train = labeled_examples(c, c.data.train_split, w)
+    if name == 'teacher_finetune':
+      pretrained = (self.params('teacher_pretrain') if c.teacher.finetune.from_pretrained else None)
+      return finetune_stage(name, self.teacher, c.teacher.finetune, train, pretrained, c)
+    if name == 'student_kd':
+      kd = c.student.kd
+      pretrained = self.params('student_pretrain') if kd.from_pretrained else None
+      unlabeled = unlabeled_paths(c, w) if kd.unlabeled_batch_size else ()
+      return kd_stage(name, self.student, self.teacher, kd, train, unlabeled, pretrained,
+                      self.params('teacher_finetune'), c)
+    raise KeyError(name)
+
+  def params(self, name):
+    """Final params of a stage: run it if it is listed, else load its checkpoint."""
+    if name not in self._cache:
+      st = self.stage(name)
+      if name in parse_stages(self.config) and not loop.is_done(self.workdir, name):
+        self._cache[name] = loop.run(st, self.workdir, self.config.train, self.mesh,
+                                     self.writer)['params']
+      else:
+        self._cache[name] = load_stage_params(self.workdir, self.config, name, st.init_fn,
+                                              self.mesh)
+    return self._cache[name]
+
+  def models(self) -> dict:
+    out = {'teacher': (self.teacher, self.params('teacher_finetune'))}
+    student = self.params('student_kd')['student']
+    out['student'] = (self.student, student)
+    return out
+
+  def _reconstruction_logger(self, model, cfg, name):
+    """Writes MAE reconstructions (masked input | prediction | original) to TensorBoard."""
+    every = max(self.config.train.image_every, 1)
+    probe = None
+
+    def on_log(state, step):
+      nonlocal probe
+      if step % every and step != cfg.steps:
+        return
+      if probe is None:
+        probe = next(pipeline.make_eval_dataset(
+            unlabeled_paths(self.config, self.workdir)[:4], {}, batch_size=4,
+            pp=self.config.data.eval_pp, cache_pp=cache_pp(self.config)).__iter__())['image']
+      out = model.apply({'params': state['params']}, jnp.asarray(probe), method=model.pretrain,
+                        rngs={'mask': jax.random.key(step)})
+      self.writer.write_images(step, {f'{name}/reconstruction': reconstruction_grid(out, model.patch, cfg.norm_pix)})
+    return on_log
+
+
+def reconstruction_grid(out, patch: int, norm_pix: bool) -> np.ndarray:
+  pred, target, mask = (np.asarray(out[k], np.float32) for k in ('pred', 'target', 'mask'))
+  if norm_pix:  # undo the per-patch normalisation with the true patch statistics
+    mu, sd = target.mean(-1, keepdims=True), np.sqrt(target.var(-1, keepdims=True) + 1e-6)
+    pred = pred * sd + mu
+  m = mask[..., None]
+  rows = [target * (1 - m), pred * m + target * (1 - m), target]
+  imgs = [np.asarray(mae.unpatchify(jnp.asarray(r), patch)) for r in rows]
+  grid = np.concatenate(imgs, axis=2)  # [B, H, 3W, C]
+  return np.clip((grid + 1) / 2, 0, 1)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  stages = parse_stages(config)
+  os.makedirs(workdir, exist_ok=True)
+  job = _Job(config, workdir)
+  for name in stages:
+    if name != 'evaluate':
+      job.params(name)
+  if 'evaluate' not in stages:
+    return {}
+  examples = labeled_examples(config, config.data.eval_split, workdir)
+  results = score_models(job.models(), examples, config, job.mesh)
+  results['student_teacher_param_ratio'] = results['student']['params'] / results['teacher']['params']
+  results['data'] = {'dir': config.data.dir or 'built-in synthetic faces',
+                     'eval_split': config.data.eval_split, 'n': len(examples)}
+  results['stage_seconds'] = {
+      s: json.load(open(loop.done_marker(d, s)))['seconds']
+      for s in STAGES[:-1] for d in [os.path.dirname(_stage_dir(workdir, config, s))]
+      if loop.is_done(d, s)}
+  _log_results(job.writer, results)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Scores the trained teacher and student of ``workdir`` on ``data.dir`` / ``eval.split``."""
+  if not config.data.dir:
+    raise ValueError('--mode=eval needs --config.data.dir (a folder-format or official dataset)')
+  job = _Job(config, workdir)
+  job.config = config.copy_and_resolve_references()
+  with job.config.unlocked():
+    job.config.stages = ''  # load, never train
+  examples = labeled_examples(config, config.eval.split, workdir)
+  results = score_models(job.models(), examples, config, job.mesh)
+  name = os.path.basename(os.path.normpath(config.data.dir))
+  results['data'] = {'dir': config.data.dir, 'split': config.eval.split, 'n': len(examples)}
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, f'eval_{name}.json')
+    with open(path, 'w') as f:
+      json.dump(results, f, indent=2)
+    logging.info('wrote %s', path)
+  _log_results(None, results)
+  return results
+
+
+def _log_results(writer, results):
+  for who in ('teacher', 'student'):
+    r = results[who]
+    logging.info('%s: PC=%.4f MAE=%.4f RMSE=%.4f  params=%d  MFLOPs/img=%.1f  (n=%d)', who,
+                 r['pc'], r['mae'], r['rmse'], r['params'], r['mflops_per_image'], r['n'])
+    if writer is not None:
+      writer.write_scalars(0, {f'eval/{who}_{k}': r[k] for k in ('pc', 'mae', 'rmse')})

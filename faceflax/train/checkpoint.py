@@ -1,0 +1,49 @@
+"""Orbax checkpoints of plain-dict train states, one manager per stage."""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def manager(directory: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=max(int(save_every), 1), max_to_keep=max(int(keep), 1),
+      create=True, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
+  """Restores the newest readable checkpoint; a broken one is reported and skipped.
+
+  Returns (step, state) or (None, None) when there is no checkpoint.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      return step, state
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('checkpoint %s/%d is unreadable (%s: %s); trying an older one',
+                    mngr.directory, step, type(e).__name__, str(e)[:300])
+  return None, None
+
+
+def load_params(directory: str, abstract_state, what: str):
+  """Loads the final params of a finished stage (e.g. the teacher for KD)."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'{what}: no checkpoint directory {directory}; run that stage first')
+  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  step, state = restore_latest(mngr, abstract_state)
+  mngr.close()
+  if state is None:
+    raise CheckpointError(f'{what}: no readable checkpoint in {directory}')
+  return step, state
+
+
+def abstract(tree, sharding):
+  """ShapeDtypeStructs with the target sharding, for StandardRestore."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
