@@ -111,14 +111,18 @@ class MultiScaleStem(nn.Module):
   patch: int
   channels: int = 24
   kernels: Sequence[int] = (3, 5, 7)
+  stride: int = 2  # space-to-depth before the branches: 4x cheaper, receptive fields x2
 
   @nn.compact
   def __call__(self, images):
-    branches = [nn.gelu(nn.Conv(self.channels, (k, k), name=f'branch{k}')(images))
+    if self.patch % self.stride:
+      raise ValueError(f'patch={self.patch} must be divisible by stem stride={self.stride}')
+    x = einops.rearrange(images, 'b (h p) (w q) c -> b h w (p q c)', p=self.stride, q=self.stride)
+    branches = [nn.gelu(nn.Conv(self.channels, (k, k), name=f'branch{k}')(x))
                 for k in self.kernels]
     x = jnp.concatenate(branches, axis=-1)
     x = nn.gelu(nn.Conv(2 * self.channels, (1, 1), name='fuse')(x))
-    return PatchStem(self.width, self.patch, name='patchify')(x)
+    return PatchStem(self.width, self.patch // self.stride, name='patchify')(x)
 
 
 class MAE(nn.Module):
@@ -132,6 +136,7 @@ class MAE(nn.Module):
   stem: str = 'patch'               # 'patch' | 'multiscale'
   stem_channels: int = 24
   stem_kernels: Sequence[int] = (3, 5, 7)
+  stem_stride: int = 2
   decoder_width: int = 128
   decoder_depth: int = 2
   decoder_heads: int = 4
@@ -148,7 +153,8 @@ class MAE(nn.Module):
     if self.image_size % self.patch:
       raise ValueError(f'image_size={self.image_size} is not divisible by patch={self.patch}')
     if self.stem == 'multiscale':
-      self.embed = MultiScaleStem(self.width, self.patch, self.stem_channels, self.stem_kernels)
+      self.embed = MultiScaleStem(self.width, self.patch, self.stem_channels, self.stem_kernels,
+                                  self.stem_stride)
     elif self.stem == 'patch':
       self.embed = PatchStem(self.width, self.patch)
     else:
