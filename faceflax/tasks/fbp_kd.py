@@ -311,8 +311,10 @@ class _Job:
         workdir, just_logging=jax.process_index() > 0)
     self._cache = {}
 
-  def stage(self, name) -> loop.Stage:
+  def stage(self, name, restore_only: bool = False) -> loop.Stage:
+    """Builds a stage; ``restore_only`` skips its inputs (enough to load its checkpoint)."""
     c, w = self.config, self.workdir
+    upstream = (lambda n: None) if restore_only else self.params
     if name == 'teacher_pretrain':
       st = pretrain_stage(name, self.teacher, c.teacher.pretrain, unlabeled_paths(c, w), c)
       st.on_log = self._reconstruction_logger(self.teacher, c.teacher.pretrain, name)
@@ -321,32 +323,43 @@ class _Job:
       return pretrain_stage(name, self.student, c.student.pretrain, unlabeled_paths(c, w), c)
     train = labeled_examples(c, c.data.train_split, w)
     if name == 'teacher_finetune':
-      pretrained = (self.params('teacher_pretrain') if c.teacher.finetune.from_pretrained else None)
+      pretrained = upstream('teacher_pretrain') if c.teacher.finetune.from_pretrained else None
       return finetune_stage(name, self.teacher, c.teacher.finetune, train, pretrained, c)
     if name == 'student_kd':
       kd = c.student.kd
-      pretrained = self.params('student_pretrain') if kd.from_pretrained else None
+      pretrained = upstream('student_pretrain') if kd.from_pretrained else None
       unlabeled = unlabeled_paths(c, w) if kd.unlabeled_batch_size else ()
       return kd_stage(name, self.student, self.teacher, kd, train, unlabeled, pretrained,
-                      self.params('teacher_finetune'), c)
+                      upstream('teacher_finetune'), c)
     raise KeyError(name)
 
   def params(self, name):
     """Final params of a stage: run it if it is listed, else load its checkpoint."""
     if name not in self._cache:
-      st = self.stage(name)
       if name in parse_stages(self.config) and not loop.is_done(self.workdir, name):
-        self._cache[name] = loop.run(st, self.workdir, self.config.train, self.mesh,
-                                     self.writer)['params']
+        self._cache[name] = loop.run(self.stage(name), self.workdir, self.config.train,
+                                     self.mesh, self.writer)['params']
       else:
+        st = self.stage(name, restore_only=True)
         self._cache[name] = load_stage_params(self.workdir, self.config, name, st.init_fn,
                                               self.mesh)
     return self._cache[name]
 
-  def models(self) -> dict:
-    out = {'teacher': (self.teacher, self.params('teacher_finetune'))}
-    student = self.params('student_kd')['student']
-    out['student'] = (self.student, student)
+  def models(self, require_all: bool = True) -> dict:
+    """The trained teacher and student; for --mode=eval, whichever of them exist."""
+    out = {}
+    for who, model, stage in (('teacher', self.teacher, 'teacher_finetune'),
+                              ('student', self.student, 'student_kd')):
+      try:
+        params = self.params(stage)
+      except checkpoint.CheckpointError as e:
+        if require_all:
+          raise
+        logging.warning('not scoring the %s: %s', who, e)
+        continue
+      out[who] = (model, params['student'] if who == 'student' else params)
+    if not out:
+      raise checkpoint.CheckpointError(f'no trained teacher or student in {self.workdir}')
     return out
 
   def _reconstruction_logger(self, model, cfg, name):
@@ -414,7 +427,7 @@ def evaluate(config, workdir: str) -> dict:
   with job.config.unlocked():
     job.config.stages = ''  # load, never train
   examples = labeled_examples(config, config.eval.split, workdir)
-  results = score_models(job.models(), examples, config, job.mesh)
+  results = score_models(job.models(require_all=False), examples, config, job.mesh)
   name = os.path.basename(os.path.normpath(config.data.dir))
   results['data'] = {'dir': config.data.dir, 'split': config.eval.split, 'n': len(examples)}
   if jax.process_index() == 0:
@@ -428,6 +441,8 @@ def evaluate(config, workdir: str) -> dict:
 
 def _log_results(writer, results):
   for who in ('teacher', 'student'):
+    if who not in results:
+      continue
     r = results[who]
     logging.info('%s: PC=%.4f MAE=%.4f RMSE=%.4f  params=%d  MFLOPs/img=%.1f  (n=%d)', who,
                  r['pc'], r['mae'], r['rmse'], r['params'], r['mflops_per_image'], r['n'])

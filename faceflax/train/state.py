@@ -21,7 +21,7 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
     (loss, metrics), grads = grad_fn(state['params'], batch, rng, *consts)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), **metrics}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **metrics}
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
   return update
 

@@ -1,0 +1,140 @@
+"""The shared framework: configs, resume, device-count invariance, the whole FBP job."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from clu import metric_writers
+from ml_collections import config_flags
+
+from faceflax import app
+from faceflax.data import DataError
+from faceflax.tasks import fbp_kd
+from faceflax.train import loop, mesh as mesh_lib
+from tests import configs_for_tests
+from tests.conftest import REPO, shared_dataset
+
+
+def _parse(*overrides):
+  argv = ['prog', f'--config={REPO}/configs/fbp_kd.py:test', *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'c', flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_config_overrides_and_unknown_keys():
+  config = _parse('--config.seed=7', '--config.student.kd.alpha=0.5', '--config.data.dir=/x')
+  assert (config.seed, config.student.kd.alpha, config.data.dir) == (7, 0.5, '/x')
+  with pytest.raises(Exception, match='no_such_key'):
+    _parse('--config.student.kd.no_such_key=1')
+  with pytest.raises(Exception, match='paper2'):
+    configs_for_tests.load('fbp_kd', 'paper2')
+
+
+def test_unknown_stage_and_missing_data_dir(tmp_path):
+  config = configs_for_tests.fbp()
+  config.stages = 'teacher_pretrain,distill'
+  with pytest.raises(ValueError, match='distill'):
+    fbp_kd.parse_stages(config)
+  config.data.dir = str(tmp_path / 'nowhere')
+  with pytest.raises(DataError, match='nowhere'):
+    fbp_kd.labeled_examples(config, 'train', str(tmp_path))
+
+
+def _run_finetune(workdir, config):
+  job = fbp_kd._Job(config, str(workdir))  # pylint: disable=protected-access
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=True)
+  return loop.run(job.stage('teacher_finetune'), str(workdir), config.train, job.mesh, writer)
+
+
+def test_resume_after_kill_gives_the_same_steps(tmp_path):
+  config = configs_for_tests.fbp()
+  config.train.update(checkpoint_every=2, keep_checkpoints=3)
+  full = _run_finetune(tmp_path / 'a', config)
+  # Simulate a kill after step 2: drop the later checkpoint and the done marker.
+  stage_dir = tmp_path / 'a' / 'teacher_finetune'
+  shutil.rmtree(stage_dir / 'ckpt' / '4')
+  os.remove(stage_dir / 'done.json')
+  resumed = _run_finetune(tmp_path / 'a', config)
+  assert int(resumed['step']) == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               full['params'], resumed['params'])
+  # A finished stage is not redone: it returns the saved state as is.
+  again = _run_finetune(tmp_path / 'a', config)
+  jax.tree.map(np.testing.assert_array_equal, resumed['params'], again['params'])
+
+
+def test_one_device_equals_eight_devices(tmp_path):
+  results = {}
+  for n in (1, 8):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
+               PYTHONPATH=str(REPO))
+    out = tmp_path / f'{n}.npz'
+    subprocess.run([sys.executable, str(REPO / 'tests' / 'run_stage_worker.py'),
+                    str(tmp_path / f'w{n}'), str(out)], check=True, env=env, cwd=REPO,
+                   capture_output=True)
+    results[n] = dict(np.load(out))
+  assert results[1].pop('devices') == 1 and results[8].pop('devices') == 8
+  assert results[1].keys() == results[8].keys()
+  one, eight = results[1], results[8]
+  np.testing.assert_allclose(one.pop('losses'), eight.pop('losses'), rtol=1e-5)
+  np.testing.assert_allclose(one.pop('grad_norms'), eight.pop('grad_norms'), rtol=2e-3)
+  # Adam divides by sqrt(v): reduction-order noise in near-zero gradients can
+  # move a parameter by a fraction of one step's size (lr = 1e-3 here).
+  for k in one:
+    np.testing.assert_allclose(one[k], eight[k], rtol=1e-3, atol=3e-4, err_msg=k)
+
+
+def test_main_job_end_to_end_then_eval_mode(tmp_path):
+  config = configs_for_tests.load('fbp_kd', 'test')
+  results = app.run(config, str(tmp_path))
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  for who in ('teacher', 'student'):
+    for k in ('pc', 'mae', 'rmse', 'params', 'mflops_per_image'):
+      assert np.isfinite(saved[who][k]), (who, k)
+    assert saved[who]['n'] == config.data.synthetic.num_val
+  assert saved['student']['params'] < saved['teacher']['params']
+  assert set(saved['stage_seconds']) == set(fbp_kd.STAGES[:-1])
+  assert results['teacher']['pc'] == saved['teacher']['pc']
+  assert list(tmp_path.glob('events.out.tfevents.*'))  # TensorBoard
+
+  # --mode=eval on a fresh folder without a split column scores every row.
+  src = tmp_path / 'synthetic_faces'
+  fresh = tmp_path / 'fresh_faces'
+  shutil.copytree(src / 'images', fresh / 'images')
+  rows = (src / 'labels.csv').read_text().splitlines()
+  header = rows[0].split(',')
+  keep = [i for i, h in enumerate(header) if h != 'split']
+  (fresh / 'labels.csv').write_text('\n'.join(
+      ','.join(r.split(',')[i] for i in keep) for r in rows[:41]) + '\n')
+  config.data.dir = str(fresh)
+  evaluated = app.run(config, str(tmp_path), mode='eval')
+  saved_eval = json.loads((tmp_path / 'eval_fresh_faces.json').read_text())
+  assert saved_eval['teacher']['n'] == 40 == evaluated['student']['n']
+
+  # And on the training run's own val split it reproduces the training figures.
+  config.data.dir = str(src)
+  config.eval.split = 'val'
+  again = app.run(config, str(tmp_path), mode='eval')
+  for who in ('teacher', 'student'):
+    np.testing.assert_allclose(again[who]['pc'], saved[who]['pc'], rtol=1e-5)
+
+
+def test_real_data_smoke(tmp_path):
+  data_dir = shared_dataset('scut_fbp5500')
+  config = configs_for_tests.load('fbp_kd', 'test')
+  config.data.dir = str(data_dir)
+  config.stages = 'teacher_finetune,student_kd,evaluate'
+  config.teacher.finetune.from_pretrained = False
+  config.student.kd.from_pretrained = False
+  results = app.run(config, str(tmp_path))
+  assert results['teacher']['n'] == results['student']['n'] > 300  # the val split
+  assert np.isfinite(results['student']['rmse'])
