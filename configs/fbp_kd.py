@@ -40,12 +40,13 @@ def get_config(preset: str = ''):
   c.eval = dict(split='test')  # --mode=eval: scored split ('every row' if no split column)
 
   c.teacher = dict(
-      model=dict(variant='small', stem='multiscale', patch=8, num_bins=9, dropout=0.0),
+      model=dict(variant='small', stem='multiscale', patch=8, stem_channels=24,
+                 stem_kernels=(3, 5, 7), stem_stride=2, mask_ratio=0.75, num_bins=9, dropout=0.0),
       pretrain=optimizer(1500, 128, 1.5e-3, 100, norm_pix=True),
       finetune=optimizer(600, 64, 1e-3, 60, layer_decay=0.75, loss='mse', from_pretrained=True),
   )
   c.student = dict(
-      model=dict(variant='tiny', stem='patch', patch=8, num_bins=9, dropout=0.0),
+      model=dict(variant='tiny', stem='patch', patch=8, mask_ratio=0.75, num_bins=9, dropout=0.0),
       pretrain=optimizer(1000, 128, 1.5e-3, 100, norm_pix=True),
       kd=optimizer(600, 64, 1e-3, 60, layer_decay=0.75, loss='mse', from_pretrained=True,
                    alpha=1.0, beta=1.0, temperature=2.0, feature_pairs='-1:-1',
