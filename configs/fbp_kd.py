@@ -40,12 +40,15 @@ def get_config(preset: str = ''):
   c.eval = dict(split='test')  # --mode=eval: scored split ('every row' if no split column)
 
   c.teacher = dict(
-      model=dict(variant='small', stem='multiscale', patch=8, stem_channels=24,
-                 stem_kernels=(3, 5, 7), stem_stride=2, mask_ratio=0.75, num_bins=9, dropout=0.0),
+      # 64 px faces, 16 px patches (4x4 tokens): the stem's convolutions (on a 16x16 map
+      # after a 4x space-to-depth) carry the fine detail, the transformer the layout.
+      model=dict(variant='small', stem='multiscale', patch=16, stem_channels=24,
+                 stem_kernels=(3, 5, 7), stem_stride=4, mask_ratio=0.75, num_bins=9, dropout=0.0),
       pretrain=optimizer(1500, 128, 1.5e-3, 100, norm_pix=True),
       finetune=optimizer(600, 64, 1e-3, 60, layer_decay=0.75, loss='mse', from_pretrained=True),
   )
   c.student = dict(
+      # Plain 8 px patches (8x8 tokens); feature KD pools them to the teacher's 4x4 grid.
       model=dict(variant='tiny', stem='patch', patch=8, mask_ratio=0.75, num_bins=9, dropout=0.0),
       pretrain=optimizer(1000, 128, 1.5e-3, 100, norm_pix=True),
       kd=optimizer(600, 64, 1e-3, 60, layer_decay=0.75, loss='mse', from_pretrained=True,
@@ -66,7 +69,7 @@ def get_config(preset: str = ''):
   elif preset == 'paper':
     c.data.image_size = 224
     c.data.synthetic.size = 224
-    c.teacher.model.update(variant='base', patch=16, stem_channels=32)
+    c.teacher.model.update(variant='base', stem_channels=32)
     c.student.model.update(variant='small', patch=16)
     c.teacher.pretrain.update(steps=100_000, batch_size=1024, lr=1.5e-4 * 1024 / 256, warmup_steps=5000)
     c.student.pretrain.update(steps=100_000, batch_size=1024, lr=1.5e-4 * 1024 / 256, warmup_steps=5000)
@@ -77,7 +80,7 @@ def get_config(preset: str = ''):
   elif preset == 'test':
     c.data.image_size = 32
     c.data.synthetic.update(num_train=64, num_val=32, num_test=32, size=32)
-    c.teacher.model.update(variant='test', patch=8)
+    c.teacher.model.update(variant='test', patch=8, stem_stride=2)
     c.student.model.update(variant='test', patch=8, width=16, num_heads=2)
     for opt in (c.teacher.pretrain, c.student.pretrain, c.teacher.finetune, c.student.kd):
       opt.update(steps=4, batch_size=16, warmup_steps=1)

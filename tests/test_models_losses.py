@@ -118,3 +118,11 @@ def test_unknown_variant_and_bad_patch():
   model = mae.make('test', image_size=30, patch=8)
   with pytest.raises(ValueError, match='not divisible'):
     _init(model, 30)
+
+
+def test_pool_tokens_matches_numpy():
+  from faceflax.tasks.fbp_kd import pool_tokens  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(4).normal(size=(2, 64, 5)).astype(np.float32)  # 8x8 grid
+  want = x.reshape(2, 4, 2, 4, 2, 5).mean((2, 4)).reshape(2, 16, 5)
+  np.testing.assert_allclose(pool_tokens(jnp.asarray(x), 4), want, rtol=1e-6)
+  np.testing.assert_allclose(pool_tokens(jnp.asarray(x), 8), x)

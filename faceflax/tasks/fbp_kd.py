@@ -13,6 +13,7 @@ import functools
 import json
 import os
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,13 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
                             cfg.batch_size, config.seed + 1))
 
 
+def pool_tokens(tokens, grid: int):
+  """Average-pools a finer square token grid [B, g*g, D] down to [B, grid*grid, D]."""
+  g = int(round(tokens.shape[1] ** 0.5))
+  f = g // grid
+  return einops.reduce(tokens, 'b (h p w q) d -> b (h w) d', 'mean', h=grid, p=f, w=grid, q=f)
+
+
 def kd_pairs(cfg, student: mae.MAE, teacher: mae.MAE):
   """(student_block, teacher_block) pairs; negative indices count from the end."""
   pairs = [tuple(int(i) for i in p.split(':')) for p in cfg.feature_pairs.split(',') if p]
@@ -163,9 +171,10 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
              config) -> loop.Stage:
   """Student step with the frozen teacher's forward pass inside (one XLA graph)."""
   size = config.data.image_size
-  if student.grid != teacher.grid:
-    raise ValueError(f'feature KD needs equal token grids: student {student.grid}^2, '
-                     f'teacher {teacher.grid}^2 (image_size / patch)')
+  if student.grid % teacher.grid:
+    raise ValueError(f'feature KD needs the student token grid ({student.grid}x{student.grid}) '
+                     f'to be a multiple of the teacher grid ({teacher.grid}x{teacher.grid}); '
+                     'check the models\' patch sizes')
   pairs = kd_pairs(cfg, student, teacher)
   projector = FeatureProjector(tuple(teacher.width for _ in pairs))
 
@@ -173,7 +182,7 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
     params = init_params(student, rng, size)
     if pretrained is not None:
       params, _ = state_lib.merge_pretrained(params, pretrained)
-    tokens = [jnp.zeros((1, student.grid ** 2, student.width))] * len(pairs)
+    tokens = [jnp.zeros((1, teacher.grid ** 2, student.width))] * len(pairs)
     return {'student': params,
             'projector': projector.init(jax.random.fold_in(rng, 3), tokens)['params']}
 
@@ -198,8 +207,8 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
       terms['output_kd'] = losses.distillation_kl(s_out['logits'], t_out['logits'], cfg.temperature)
       total += cfg.alpha * terms['output_kd']
     if cfg.beta and pairs:
-      projected = projector.apply({'params': params['projector']},
-                                  [s_out['hidden'][s] for s, _ in pairs])
+      tokens = [pool_tokens(s_out['hidden'][s], teacher.grid) for s, _ in pairs]
+      projected = projector.apply({'params': params['projector']}, tokens)
       terms['feature_kd'] = sum(losses.feature_distillation(p, t_out['hidden'][t])
                                 for p, (_, t) in zip(projected, pairs)) / len(pairs)
       total += cfg.beta * terms['feature_kd']
@@ -231,25 +240,29 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
 
 # ----------------------------------------------------------------------------- evaluation
 
-def predict_scores(model, params, examples, config, mesh) -> np.ndarray:
-  """Scores every example exactly once (padded final batch masked out)."""
+def predict_scores(model, params, examples, config, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(predicted, true) scores of every example exactly once, gathered over processes.
+
+  The padded final batch is dropped by its mask, so no example is lost or
+  counted twice whatever the batch size and process count.
+  """
   bs = config.eval_batch_size
   mesh_lib.check_batch_size(bs, 'eval_batch_size')
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x)['score'],
                     out_shardings=mesh_lib.replicated(mesh))
-  ds = pipeline.make_eval_dataset(examples.paths, {}, batch_size=_per_process(bs),
-                                  pp=config.data.eval_pp, cache_pp=cache_pp(config),
-                                  process_index=jax.process_index(),
+  ds = pipeline.make_eval_dataset(examples.paths, {'score': examples.labels['score']},
+                                  batch_size=_per_process(bs), pp=config.data.eval_pp,
+                                  cache_pp=cache_pp(config), process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  scores = []
+  preds, targets = [], []
   for batch in ds:
-    mask = batch.pop('mask')
-    arrays = mesh_lib.put_batch({'image': batch['image'], 'mask': mask}, mesh)
-    out = forward(params, arrays['image'])
-    scores.append(np.asarray(out)[np.asarray(multihost_utils.process_allgather(arrays['mask'], tiled=True))])
-  # Row order: with one process this is the examples' order; with several,
-  # process-major, so gather the labels the same way.
-  return np.concatenate(scores)
+    batch = mesh_lib.put_batch(batch, mesh)
+    pred = np.asarray(forward(params, batch['image']))
+    target, mask = (np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
+                    for k in ('score', 'mask'))
+    preds.append(pred[mask])
+    targets.append(target[mask])
+  return np.concatenate(preds), np.concatenate(targets)
 
 
 def model_report(model, params, size: int) -> dict:
@@ -259,12 +272,9 @@ def model_report(model, params, size: int) -> dict:
 
 
 def score_models(models: dict, examples, config, mesh) -> dict:
-  target = examples.labels['score']
-  if jax.process_count() > 1:
-    raise NotImplementedError('multi-process evaluation order is not implemented yet')
   out = {}
   for who, (model, params) in models.items():
-    pred = predict_scores(model, params, examples, config, mesh)
+    pred, target = predict_scores(model, params, examples, config, mesh)
     out[who] = {**metrics.regression_report(pred, target),
                 **model_report(model, params, config.data.image_size)}
   return out
