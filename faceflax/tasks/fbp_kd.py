@@ -87,10 +87,6 @@ def unlabeled_paths(config, workdir: str):
   return tuple(paths)
 
 
-def _per_process(batch_size: int) -> int:
-  return batch_size // jax.process_count()
-
-
 def train_batches(config, paths, labels, batch_size, seed):
   return functools.partial(
       pipeline.make_train_dataset, paths, labels, batch_size=batch_size, pp=train_pp(config),
@@ -251,7 +247,7 @@ def predict_scores(model, params, examples, config, mesh) -> tuple[np.ndarray, n
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x)['score'],
                     out_shardings=mesh_lib.replicated(mesh))
   ds = pipeline.make_eval_dataset(examples.paths, {'score': examples.labels['score']},
-                                  batch_size=_per_process(bs), pp=config.data.eval_pp,
+                                  batch_size=bs, pp=config.data.eval_pp,
                                   cache_pp=cache_pp(config), process_index=jax.process_index(),
                                   process_count=jax.process_count())
   preds, targets = [], []
