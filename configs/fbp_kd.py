@@ -43,15 +43,15 @@ def get_config(preset: str = ''):
       # 64 px faces, 16 px patches (4x4 tokens): the stem's convolutions (on a 16x16 map
       # after a 4x space-to-depth) carry the fine detail, the transformer the layout.
       model=dict(variant='small', stem='multiscale', patch=16, stem_channels=24,
-                 stem_kernels=(3, 5, 7), stem_stride=4, mask_ratio=0.75, num_bins=9, dropout=0.0),
+                 stem_kernels=(3, 5, 7), stem_stride=4, mask_ratio=0.5, num_bins=9, dropout=0.0),
       pretrain=optimizer(500, 128, 1.5e-3, 50, norm_pix=True),
-      finetune=optimizer(500, 64, 1e-3, 50, layer_decay=0.75, loss='mse', from_pretrained=True),
+      finetune=optimizer(500, 64, 1e-3, 50, layer_decay=0.9, loss='mse', from_pretrained=True),
   )
   c.student = dict(
       # Plain 8 px patches (8x8 tokens); feature KD pools them to the teacher's 4x4 grid.
       model=dict(variant='tiny', stem='patch', patch=8, mask_ratio=0.75, num_bins=9, dropout=0.0),
       pretrain=optimizer(300, 128, 1.5e-3, 30, norm_pix=True),
-      kd=optimizer(400, 64, 1e-3, 40, layer_decay=0.75, loss='mse', from_pretrained=True,
+      kd=optimizer(400, 64, 1e-3, 40, layer_decay=0.9, loss='mse', from_pretrained=True,
                    alpha=1.0, beta=1.0, temperature=2.0, feature_pairs='-1:-1',
                    unlabeled_batch_size=0),
   )
@@ -60,9 +60,10 @@ def get_config(preset: str = ''):
 
   if preset == 'scut':
     c.data.dir = f'{SHARED}/scut_fbp5500'
-    c.data.unlabeled = ','.join(f'{SHARED}/{d}' for d in ('utkface', 'celeba_id', 'fer2013'))
-    c.teacher.pretrain.update(steps=2000, warmup_steps=100)
-    c.teacher.finetune.update(steps=1500, warmup_steps=100)
+    # Unlabeled colour face crops like SCUT's; FER2013's 48 px greyscale faces are left out.
+    c.data.unlabeled = ','.join(f'{SHARED}/{d}' for d in ('utkface', 'celeba_id'))
+    c.teacher.pretrain.update(steps=1000, warmup_steps=100)
+    c.teacher.finetune.update(steps=2000, warmup_steps=100)
     c.student.pretrain.update(steps=1000, warmup_steps=100)
     c.student.kd.update(steps=1000, warmup_steps=100)
     c.student.kd.unlabeled_batch_size = 64  # KD also on unlabeled faces
