@@ -83,10 +83,10 @@ def main(argv):
     with config.unlocked():
       config.teacher.finetune.from_pretrained = False
       config.student.kd.from_pretrained = False
-    job = fbp_kd._Job(config, workdir)  # pylint: disable=protected-access
+    job = fbp_kd.Job(config, workdir)
     mesh = job.mesh
     teacher_params = jax.jit(job.stage('teacher_finetune').init_fn)(jax.random.key(0))['params']
-    job._cache['teacher_finetune'] = teacher_params  # pylint: disable=protected-access
+    job.provide('teacher_finetune', teacher_params)
     print(f'{"stage":18s} {"batch":>5s} {"img/s":>8s} {"compile s":>9s} {"GFLOP/s":>8s} '
           f'{"% peak":>7s} {"pipeline img/s":>14s} {"pipe/step":>9s}')
     for name in ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_kd'):

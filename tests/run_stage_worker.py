@@ -18,7 +18,7 @@ STEPS = 4
 
 def main(workdir, out):
   config = configs_for_tests.fbp('test')
-  job = fbp_kd._Job(config, workdir)  # pylint: disable=protected-access
+  job = fbp_kd.Job(config, workdir)
   stage = job.stage('teacher_finetune')
   mesh = mesh_lib.make_mesh()
   state = jax.jit(stage.init_fn, out_shardings=mesh_lib.replicated(mesh))(jax.random.key(0))

@@ -50,7 +50,7 @@ def test_unknown_stage_and_missing_data_dir(tmp_path):
 
 
 def _run_finetune(workdir, config):
-  job = fbp_kd._Job(config, str(workdir))  # pylint: disable=protected-access
+  job = fbp_kd.Job(config, str(workdir))
   writer = metric_writers.create_default_writer(str(workdir), just_logging=True)
   return loop.run(job.stage('teacher_finetune'), str(workdir), config.train, job.mesh, writer)
 
@@ -138,3 +138,39 @@ def test_real_data_smoke(tmp_path):
   results = app.run(config, str(tmp_path))
   assert results['teacher']['n'] == results['student']['n'] > 300  # the val split
   assert np.isfinite(results['student']['rmse'])
+
+
+def _kd_step(tmp_path, alpha, beta):
+  config = configs_for_tests.fbp()
+  config.student.kd.update(alpha=alpha, beta=beta, from_pretrained=False)
+  job = fbp_kd.Job(config, str(tmp_path))
+  teacher = jax.jit(job.stage('teacher_finetune').init_fn)(jax.random.key(5))['params']
+  teacher_copy = jax.tree.map(np.asarray, teacher)
+  job.provide('teacher_finetune', teacher)
+  stage = job.stage('student_kd')
+  state = jax.jit(stage.init_fn)(jax.random.key(0))
+  before = jax.tree.map(np.asarray, state['params'])
+  batch = mesh_lib.put_batch(next(stage.batches(start_step=0)), job.mesh)
+  update, _ = loop.compile_update(stage, job.mesh, batch, jax.eval_shape(lambda s: s, state))
+  for step in range(2):  # the warm-up makes the first step's learning rate 0
+    state, metrics = update(state, batch, jax.random.key(step), *stage.consts)
+  jax.tree.map(np.testing.assert_array_equal, teacher_copy, jax.tree.map(np.asarray, teacher))
+  delta = jax.tree.map(lambda a, b: np.asarray(a) - b, state['params'], before)
+  return {k: float(v) for k, v in metrics.items()}, delta
+
+
+def test_kd_terms_reach_the_student_and_leave_the_teacher_frozen(tmp_path):
+  with_kd, delta_kd = _kd_step(tmp_path / 'kd', 1.0, 1.0)
+  without, delta_plain = _kd_step(tmp_path / 'plain', 0.0, 0.0)
+  assert with_kd['output_kd'] >= 0 and with_kd['feature_kd'] > 0
+  assert 'output_kd' not in without and 'feature_kd' not in without
+  np.testing.assert_allclose(with_kd['score_loss'], without['score_loss'], rtol=1e-6)
+  np.testing.assert_allclose(
+      with_kd['loss'], with_kd['score_loss'] + with_kd['output_kd'] + with_kd['feature_kd'],
+      rtol=1e-5)
+  # The KD terms change the student's and the projector's updates (without feature KD
+  # the projector only feels weight decay).
+  assert not np.allclose(delta_kd['student']['encoder']['block0']['MlpBlock_0']['Dense_0']['kernel'],
+                         delta_plain['student']['encoder']['block0']['MlpBlock_0']['Dense_0']['kernel'])
+  assert not np.allclose(delta_kd['projector']['proj0']['kernel'],
+                         delta_plain['projector']['proj0']['kernel'])

@@ -304,7 +304,7 @@ def parse_stages(config) -> list[str]:
   return stages
 
 
-class _Job:
+class Job:
   """Builds each stage lazily; a stage's inputs come from earlier stages' checkpoints."""
 
   def __init__(self, config, workdir):
@@ -338,6 +338,10 @@ class _Job:
       return kd_stage(name, self.student, self.teacher, kd, train, unlabeled, pretrained,
                       upstream('teacher_finetune'), c)
     raise KeyError(name)
+
+  def provide(self, name, params):
+    """Uses ``params`` as the result of stage ``name`` (benchmarks, notebooks)."""
+    self._cache[name] = params
 
   def params(self, name):
     """Final params of a stage: run it if it is listed, else load its checkpoint."""
@@ -402,7 +406,7 @@ def reconstruction_grid(out, patch: int, norm_pix: bool) -> np.ndarray:
 def train_and_evaluate(config, workdir: str) -> dict:
   stages = parse_stages(config)
   os.makedirs(workdir, exist_ok=True)
-  job = _Job(config, workdir)
+  job = Job(config, workdir)
   for name in stages:
     if name != 'evaluate':
       job.params(name)
@@ -428,7 +432,7 @@ def evaluate(config, workdir: str) -> dict:
   """Scores the trained teacher and student of ``workdir`` on ``data.dir`` / ``eval.split``."""
   if not config.data.dir:
     raise ValueError('--mode=eval needs --config.data.dir (a folder-format or official dataset)')
-  job = _Job(config, workdir)
+  job = Job(config, workdir)
   job.config = config.copy_and_resolve_references()
   with job.config.unlocked():
     job.config.stages = ''  # load, never train
