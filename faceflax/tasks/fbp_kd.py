@@ -12,6 +12,7 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
 import functools
 import json
 import os
+import time
 
 import einops
 import flax.linen as nn
@@ -404,6 +405,7 @@ def reconstruction_grid(out, patch: int, norm_pix: bool) -> np.ndarray:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
+  start = time.perf_counter()
   stages = parse_stages(config)
   os.makedirs(workdir, exist_ok=True)
   job = Job(config, workdir)
@@ -421,6 +423,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       s: json.load(open(loop.done_marker(d, s)))['seconds']
       for s in STAGES[:-1] for d in [os.path.dirname(_stage_dir(workdir, config, s))]
       if loop.is_done(d, s)}
+  results['wall_seconds_this_run'] = time.perf_counter() - start
   _log_results(job.writer, results)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
