@@ -323,11 +323,11 @@ class Job:
     c, w = self.config, self.workdir
     upstream = (lambda n: None) if restore_only else self.params
     if name == 'teacher_pretrain':
-      st = pretrain_stage(name, self.teacher, c.teacher.pretrain, unlabeled_paths(c, w), c)
+      st = pretrain_stage(name, self.teacher, c.teacher.pretrain, self.unlabeled, c)
       st.on_log = self._reconstruction_logger(self.teacher, c.teacher.pretrain, name)
       return st
     if name == 'student_pretrain':
-      return pretrain_stage(name, self.student, c.student.pretrain, unlabeled_paths(c, w), c)
+      return pretrain_stage(name, self.student, c.student.pretrain, self.unlabeled, c)
     train = labeled_examples(c, c.data.train_split, w)
     if name == 'teacher_finetune':
       pretrained = upstream('teacher_pretrain') if c.teacher.finetune.from_pretrained else None
@@ -335,10 +335,15 @@ class Job:
     if name == 'student_kd':
       kd = c.student.kd
       pretrained = upstream('student_pretrain') if kd.from_pretrained else None
-      unlabeled = unlabeled_paths(c, w) if kd.unlabeled_batch_size else ()
+      unlabeled = self.unlabeled if kd.unlabeled_batch_size else ()
       return kd_stage(name, self.student, self.teacher, kd, train, unlabeled, pretrained,
                       upstream('teacher_finetune'), c)
     raise KeyError(name)
+
+  @functools.cached_property
+  def unlabeled(self) -> tuple:
+    """Pretraining images, listed once per job (several stages use them)."""
+    return unlabeled_paths(self.config, self.workdir)
 
   def provide(self, name, params):
     """Uses ``params`` as the result of stage ``name`` (benchmarks, notebooks)."""
@@ -384,7 +389,7 @@ class Job:
         return
       if probe is None:
         probe = next(pipeline.make_eval_dataset(
-            unlabeled_paths(self.config, self.workdir)[:4], {}, batch_size=4,
+            self.unlabeled[:4], {}, batch_size=4,
             pp=self.config.data.eval_pp, cache_pp=cache_pp(self.config)).__iter__())['image']
       out = model.apply({'params': state['params']}, jnp.asarray(probe), method=model.pretrain,
                         rngs={'mask': jax.random.key(step)})
