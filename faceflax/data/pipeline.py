@@ -18,7 +18,7 @@ from faceflax.data.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 _TF_FORMATS = ('JPEG', 'PNG', 'BMP', 'GIF', 'WEBP')  # What tf.io.decode_image reads.
-_RESERVED_KEYS = ('image', 'mask', 'rng', '_index', '_epoch')
+_RESERVED_KEYS = ('image', 'image_lq', 'mask', 'rng', '_index', '_epoch')
 _MAX_LISTED = 5
 
 
