@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 1  # bump when drawing changes so cached folders regenerate
+GENERATOR_VERSION = 2  # bump when drawing changes so cached folders regenerate
 TRAITS = ('eye_size', 'smile', 'eye_spacing', 'asymmetry', 'smoothness',
           'skin_tone', 'eye_height', 'mouth_width', 'brow_tilt')
 SCORE_WEIGHTS = {'eye_size': 0.45, 'smile': 0.5, 'eye_spacing': 0.35,
@@ -148,28 +148,28 @@ def _draw(p: dict, size: int) -> np.ndarray:
 def _draw_skin(canvas, p, u, v, unit, face_a, skin):
     """Blemishes and texture: rougher skin for low smoothness."""
     smooth = p['smoothness']
-    count = np.clip(np.round(3 - 2 * smooth), 0, MAX_BLEMISHES)
+    count = np.clip(np.round(4 - 3 * smooth), 0, MAX_BLEMISHES)
     spot = skin * np.array([0.72, 0.5, 0.48])
     dist = np.inf
     for k in range(MAX_BLEMISHES):  # union of active spots, painted once
         d = _ellipse(u, v, _col(p['blemish_uv'][:, k, 0]), _col(p['blemish_uv'][:, k, 1]),
-                     0.022, 0.022)
+                     0.03, 0.03)
         dist = np.minimum(dist, np.where(_col(count > k), d, np.inf))
     _paint(canvas, dist, unit, spot, face_a)
-    amp = 0.01 + 0.04 / (1 + np.exp(2 * smooth))
+    amp = 0.01 + 0.08 / (1 + np.exp(2 * smooth))
     canvas += (_col(amp) * p['texture'] * face_a)[..., None]
 
 
 def _draw_eyes(canvas, p, u, v, unit, brow_rgb):
-    r = 0.042 + 0.012 * p['eye_size']
-    half = 0.12 + 0.02 * p['eye_spacing']
+    r = 0.045 * np.exp(0.22 * p['eye_size'])     # 1.7-5 px radius at 64 px
+    half = 0.13 + 0.025 * p['eye_spacing']
     ev = -0.04 + 0.018 * p['eye_height']
     a = p['asymmetry']
     parts = {'white': [], 'iris': [], 'pupil': [], 'brow': []}
     for side in (-1, 1):
         # asymmetry moves the eyes apart vertically and makes their sizes differ
-        cu, cv = _col(side * half), _col(ev + side * 0.018 * a)
-        rr = _col(r * (1 + side * 0.12 * a))
+        cu, cv = _col(side * half), _col(ev + side * 0.03 * a)
+        rr = _col(r * (1 + side * 0.2 * a))
         parts['white'].append(_ellipse(u, v, cu, cv, rr * 1.4, rr))
         parts['iris'].append(_ellipse(u, v, cu, cv, rr * 0.75, rr * 0.75))
         parts['pupil'].append(_ellipse(u, v, cu, cv, rr * 0.35, rr * 0.35))
@@ -183,7 +183,7 @@ def _draw_eyes(canvas, p, u, v, unit, brow_rgb):
 
 def _draw_mouth(canvas, p, u, v, unit, skin):
     half_w = _col(0.09 + 0.015 * p['mouth_width'])
-    amp = _col(0.034 * p['smile'])                 # >0: corners up (smile)
+    amp = _col(0.05 * p['smile'])                 # >0: corners up (smile)
     t = np.clip(u / half_w, -1, 1)
     curve = 0.2 + amp * (1 - t ** 2)
     dist = np.maximum(np.abs(v - curve) - 0.018, np.abs(u) - half_w)
@@ -249,12 +249,7 @@ def write_folder_dataset(root, *, num_train, num_val, num_test=0, size=64, seed=
     with open(meta_path, 'w') as f:
         json.dump(meta, f)
     # labels.csv last and atomically: its presence marks a complete dataset
-    tmp = csv_path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(('filename', 'score', 'split'))
-        w.writerows(rows)
-    os.replace(tmp, csv_path)
+    _write_csv(csv_path, ('filename', 'score', 'split'), rows)
     return root
 
 
@@ -264,3 +259,76 @@ def _read_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+# ---------------------------------------------------------------- identities
+
+# Drawn per image; everything else (traits, face shape, hair, iris) is the identity.
+_PER_IMAGE = ('pose', 'bg', 'smile', 'label_noise', 'texture', 'noise')
+
+
+def _sample_identity_image(seed: int, identity: int, shot: int, size: int) -> dict:
+    p = _sample(seed, identity, size)
+    rng = np.random.default_rng([seed, identity, shot, 1])
+    p.update(pose=rng.uniform(-1, 1, 3), bg=rng.uniform(0.1, 0.95, 3),
+             smile=float(np.clip(rng.standard_normal(), -2.5, 2.5)),
+             label_noise=rng.standard_normal(),
+             texture=rng.standard_normal((size, size), dtype=np.float32),
+             noise=rng.standard_normal((size, size, 3), dtype=np.float32))
+    assert set(_PER_IMAGE) <= set(p)
+    return p
+
+
+def write_identity_dataset(root, *, num_train_ids, num_val_ids, per_id, num_pairs,
+                           size=64, seed=0) -> str:
+    """Synthetic face-recognition data in the folder format.
+
+    Writes root/images/*.png, root/labels.csv (filename,identity,split) with
+    identity-disjoint train/val splits, and root/pairs_val.csv
+    (file_a,file_b,same): num_pairs pairs of val images, half of them same-identity.
+    Skipped when root already holds a dataset with the same parameters.
+    """
+    root = os.fspath(root)
+    meta = dict(kind='identities', num_train_ids=int(num_train_ids), num_val_ids=int(num_val_ids),
+                per_id=int(per_id), num_pairs=int(num_pairs), size=int(size), seed=int(seed),
+                version=GENERATOR_VERSION)
+    meta_path, csv_path = os.path.join(root, 'synthetic.json'), os.path.join(root, 'labels.csv')
+    if os.path.exists(csv_path) and _read_json(meta_path) == meta:
+        return root
+    os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+    if os.path.exists(csv_path):
+        os.remove(csv_path)
+    rows, by_id = [], {}
+    for identity in range(num_train_ids + num_val_ids):
+        p = _stack([_sample_identity_image(seed, identity, j, size) for j in range(per_id)])
+        for j, img in enumerate(_draw(p, size)):
+            name = f'id{identity:04d}_{j:02d}.png'
+            Image.fromarray(img).save(os.path.join(root, 'images', name))
+            split = 'train' if identity < num_train_ids else 'val'
+            rows.append((name, identity, split))
+            by_id.setdefault(identity, []).append(name)
+    val_ids = list(range(num_train_ids, num_train_ids + num_val_ids))
+    rng = np.random.default_rng([seed, 2])
+    pairs = []
+    for k in range(num_pairs):
+        if k % 2 == 0:
+            names = by_id[val_ids[rng.integers(len(val_ids))]]
+            a, b = rng.choice(len(names), 2, replace=False)
+            pairs.append((names[a], names[b], 1))
+        else:
+            i, j = rng.choice(len(val_ids), 2, replace=False)
+            pairs.append((rng.choice(by_id[val_ids[i]]), rng.choice(by_id[val_ids[j]]), 0))
+    _write_csv(os.path.join(root, 'pairs_val.csv'), ('file_a', 'file_b', 'same'), pairs)
+    with open(meta_path, 'w') as f:
+        json.dump(meta, f)
+    _write_csv(csv_path, ('filename', 'identity', 'split'), rows)  # last: marks completeness
+    return root
+
+
+def _write_csv(path, header, rows):
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
