@@ -29,3 +29,23 @@ class BinnedScoreHead(nn.Module):
     logits = logits.astype(jnp.float32)
     score = jnp.sum(jax.nn.softmax(logits) * self.centers, axis=-1)
     return logits, score
+
+
+class ArcFaceHead(nn.Module):
+  """Cosine between L2-normalised embeddings and class centres: [B, num_classes], fp32.
+
+  The margin and scale are applied by ``losses.arcface`` on these cosines.
+  """
+  num_classes: int
+  eps: float = 1e-12
+
+  @nn.compact
+  def __call__(self, embeddings):
+    weight = self.param('weight', nn.initializers.normal(0.01),
+                        (embeddings.shape[-1], self.num_classes))
+    x = embeddings.astype(jnp.float32)
+    # rsqrt of the clamped squared norm: finite gradients even for a zero vector.
+    x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), self.eps))
+    w = weight * jax.lax.rsqrt(jnp.maximum(jnp.sum(weight * weight, axis=0, keepdims=True),
+                                           self.eps))
+    return x @ w
