@@ -5,7 +5,7 @@ A task module exposes ``train_and_evaluate(config, workdir)`` and
 """
 import importlib
 
-TASKS = {'fbp_kd': 'faceflax.tasks.fbp_kd'}
+TASKS = {'fbp_kd': 'faceflax.tasks.fbp_kd', 'lqfr_kd': 'faceflax.tasks.lqfr_kd'}
 
 
 def get(name: str):

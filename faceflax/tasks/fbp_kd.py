@@ -10,7 +10,6 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
   evaluate          PC / MAE / RMSE, parameter counts and FLOPs -> results.json
 """
 import functools
-import json
 import os
 import time
 
@@ -27,7 +26,7 @@ from faceflax import losses, metrics
 from faceflax.data import pipeline, sources, synthetic
 from faceflax.models import mae
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim
-from faceflax.train import state as state_lib
+from faceflax.train import stages as stages_lib, state as state_lib
 
 STAGES = ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_kd', 'evaluate')
 
@@ -279,30 +278,8 @@ def score_models(models: dict, examples, config, mesh) -> dict:
 
 # ----------------------------------------------------------------------------- orchestration
 
-def _stage_dir(workdir: str, config, name: str) -> str:
-  """Where a finished stage is read from: this workdir, else ``config.reuse_from``."""
-  if loop.is_done(workdir, name) or not config.reuse_from:
-    return os.path.join(workdir, name)
-  if loop.is_done(config.reuse_from, name):
-    logging.info('%s: reusing the finished stage in %s', name, config.reuse_from)
-  return os.path.join(config.reuse_from, name)
-
-
-def load_stage_params(workdir, config, name, init_state_fn, mesh):
-  """Params of a finished stage (the state's 'params' entry)."""
-  abstract_state = checkpoint.abstract(jax.eval_shape(init_state_fn, jax.random.key(0)),
-                                       mesh_lib.replicated(mesh))
-  _, state = checkpoint.load_params(os.path.join(_stage_dir(workdir, config, name), 'ckpt'),
-                                    abstract_state, name)
-  return state['params']
-
-
 def parse_stages(config) -> list[str]:
-  stages = [s.strip() for s in config.stages.split(',') if s.strip()]
-  unknown = [s for s in stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f'config.stages: unknown stage(s) {unknown}; known: {list(STAGES)}')
-  return stages
+  return stages_lib.parse(config.stages, STAGES)
 
 
 class Job:
@@ -357,8 +334,8 @@ class Job:
                                      self.mesh, self.writer)['params']
       else:
         st = self.stage(name, restore_only=True)
-        self._cache[name] = load_stage_params(self.workdir, self.config, name, st.init_fn,
-                                              self.mesh)
+        self._cache[name] = stages_lib.load_state(
+            self.workdir, self.config.reuse_from, name, st.init_fn, self.mesh)['params']
     return self._cache[name]
 
   def models(self, require_all: bool = True) -> dict:
@@ -424,15 +401,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results['student_teacher_param_ratio'] = results['student']['params'] / results['teacher']['params']
   results['data'] = {'dir': config.data.dir or 'built-in synthetic faces',
                      'eval_split': config.data.eval_split, 'n': len(examples)}
-  results['stage_seconds'] = {
-      s: json.load(open(loop.done_marker(d, s)))['seconds']
-      for s in STAGES[:-1] for d in [os.path.dirname(_stage_dir(workdir, config, s))]
-      if loop.is_done(d, s)}
+  results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
   _log_results(job.writer, results)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+  stages_lib.write_json(os.path.join(workdir, 'results.json'), results)
   return results
 
 
@@ -448,11 +420,7 @@ def evaluate(config, workdir: str) -> dict:
   results = score_models(job.models(require_all=False), examples, config, job.mesh)
   name = os.path.basename(os.path.normpath(config.data.dir))
   results['data'] = {'dir': config.data.dir, 'split': config.eval.split, 'n': len(examples)}
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, f'eval_{name}.json')
-    with open(path, 'w') as f:
-      json.dump(results, f, indent=2)
-    logging.info('wrote %s', path)
+  stages_lib.write_json(os.path.join(workdir, f'eval_{name}.json'), results)
   _log_results(None, results)
   return results
 

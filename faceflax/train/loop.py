@@ -35,6 +35,7 @@ class Stage:
   consts: tuple = ()                            # e.g. frozen teacher params (not donated)
   schedule: Callable[[int], float] | None = None
   on_log: Callable[[State, int], None] | None = None
+  loss_fn: Callable[..., Any] | None = None     # the differentiated loss, for tests and analysis
 
 
 def done_marker(workdir: str, name: str) -> str:

@@ -6,23 +6,36 @@ import jax.numpy as jnp
 import optax
 
 
-def init_state(params, tx: optax.GradientTransformation) -> dict:
-  return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+def init_state(params, tx: optax.GradientTransformation, model_state=None) -> dict:
+  """``model_state``: non-trained variables such as BatchNorm statistics."""
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+  if model_state is not None:
+    state['model_state'] = model_state
+  return state
 
 
 def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
   """Turns ``loss_fn(params, batch, rng, *consts) -> (loss, metrics)`` into an update.
 
   Only ``state['params']`` is differentiated: anything passed in ``consts``
-  (frozen teachers) gets no gradient and no optimizer state.
+  (frozen teachers) gets no gradient and no optimizer state. A state with a
+  ``model_state`` entry (BatchNorm statistics) calls
+  ``loss_fn(params, batch, rng, *consts, model_state=...)``, which returns
+  ``(loss, (metrics, new_model_state))``.
   """
   def update(state, batch, rng, *consts):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn(state['params'], batch, rng, *consts)
+    new_state = {}
+    if 'model_state' in state:
+      (loss, (metrics, new_state['model_state'])), grads = grad_fn(
+          state['params'], batch, rng, *consts, model_state=state['model_state'])
+    else:
+      (loss, metrics), grads = grad_fn(state['params'], batch, rng, *consts)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **metrics}
-    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1,
+            **new_state}, metrics
   return update
 
 

@@ -1,0 +1,89 @@
+"""Low-quality face recognition: ResNeXt-CBAM teacher on HQ faces -> students on degraded faces.
+
+Presets (``--config=configs/lqfr_kd.py:<preset>``):
+  (default)  built-in synthetic identities, CPU-sized ResNeXt-CBAM, the teacher and the
+             student with both KD terms; < 15 min on 2 CPU cores
+  celeba     ../shared/data/celeba_id identities, the full ablation table (5 students
+             and the external teacher); < 60 min on 2 CPU cores
+  paper      ResNeXt-50 32x4d, 512-d embeddings, paper-length schedules, for accelerators
+  test       tiny, seconds; used by the tests
+
+Students are stages named ``student_<variant>``: nokd (ArcFace only), output (+ output
+KD), attention (+ attention-map KD), both, external (output KD from precomputed
+embeddings of a non-faceflax teacher, ``data.external_teacher``).
+"""
+import ml_collections
+
+SHARED = '../shared/data'
+
+
+def optimizer(steps, batch_size, lr, warmup, weight_decay=0.05):
+  return dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
+              weight_decay=weight_decay, layer_decay=1.0, grad_clip=5.0)
+
+
+def get_config(preset: str = ''):
+  c = ml_collections.ConfigDict()
+  c.task = 'lqfr_kd'
+  c.seed = 0
+  c.stages = 'teacher,student_both,evaluate'
+  c.reuse_from = ''  # another workdir whose finished stages may be reused (ablations)
+  c.eval_batch_size = 128
+
+  c.data = dict(
+      dir='',  # '' = built-in synthetic identities; or folder format (images/, labels.csv, pairs)
+      identity_column='identity',
+      train_split='train',
+      drop_noisy=True,             # rows with id_noisy=1 (likely mislabelled) are not trained on
+      eval_pairs='pairs_val.csv',  # verification pairs (file_a, file_b, same) in data.dir
+      external_teacher='teacher_dlib128.npy',  # one embedding per labels.csv row
+      synthetic=dict(num_train_ids=120, num_val_ids=40, per_id=10, num_pairs=1200, size=112,
+                     seed=0),
+      image_size=112,
+      train_pp='flip_lr|value_range(-1, 1)',
+      # The student's view: the same face degraded on the fly; the teacher sees 'image'.
+      degrade='degrade(resolution=(14, 28, 56, 112), blur=(0.5, 1.5), blur_prob=0.3, '
+              'noise=(2.0, 8.0), noise_prob=0.3, jpeg=(30, 90), jpeg_prob=0.3)',
+  )
+  # Verification qualities: 'hq' or the side (px) faces are downsampled to and back.
+  c.eval = dict(qualities='hq,56,28,14', num_folds=10, far=1e-3)
+
+  model = dict(variant='small', attention=True, dropout=0.0)
+  c.teacher = dict(model=dict(model), train=optimizer(1500, 64, 2e-3, 100),
+                   arcface=dict(scale=32.0, margin=0.5))
+  c.student = dict(
+      model=dict(model, variant='student'),
+      train=optimizer(1500, 64, 2e-3, 100),
+      arcface=dict(scale=32.0, margin=0.5),
+      kd=dict(alpha=1.0,           # output KD weight
+              output='embedding',  # 'embedding' (cosine to the teacher's) or 'logits' (KL, T)
+              temperature=4.0,
+              beta=100.0,          # attention-map KD weight (AT losses are small: ~1e-3)
+              maps='channel,spatial'),
+  )
+  c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, seed=0)
+
+  if preset == 'celeba':
+    c.data.dir = f'{SHARED}/celeba_id'
+    c.stages = ('teacher,student_nokd,student_output,student_attention,student_both,'
+                'student_external,evaluate')
+  elif preset == 'paper':
+    c.teacher.model.update(variant='resnext50_32x4d')
+    c.student.model.update(variant='resnext50_32x4d')
+    for opt in (c.teacher.train, c.student.train):
+      opt.update(steps=100_000, batch_size=512, lr=1e-3, warmup_steps=2000)
+    c.teacher.arcface.scale = c.student.arcface.scale = 64.0
+    c.train.update(log_every=100, checkpoint_every=5000)
+  elif preset == 'test':
+    c.data.image_size = 32
+    c.data.synthetic.update(num_train_ids=6, num_val_ids=4, per_id=4, num_pairs=40, size=32)
+    c.data.degrade = 'degrade(resolution=(8, 16, 32))'
+    c.eval.qualities = 'hq,8'
+    c.teacher.model.variant = c.student.model.variant = 'test'
+    for opt in (c.teacher.train, c.student.train):
+      opt.update(steps=4, batch_size=16, warmup_steps=1)
+    c.eval_batch_size = 16
+    c.train.update(log_every=2, checkpoint_every=2)
+  elif preset:
+    raise ValueError(f'unknown preset {preset!r} for lqfr_kd; known: celeba, paper, test')
+  return c

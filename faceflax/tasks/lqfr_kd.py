@@ -1,0 +1,474 @@
+"""Low-quality face recognition by knowledge distillation (ResNeXt-CBAM, ArcFace).
+
+Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
+  teacher            ArcFace on high-quality faces
+  student_<variant>  ArcFace on degraded faces made on the fly in tf.data, plus KD from
+                     the frozen teacher, which sees the high-quality view of the same
+                     image inside the student's jit-compiled step (one XLA graph).
+                     Variants: nokd, output, attention, both, external (output KD from
+                     precomputed embeddings of a non-faceflax teacher)
+  evaluate           10-fold verification accuracy and TAR@FAR at each image quality,
+                     for both-sides-degraded and degraded-probe-vs-HQ-gallery pairs
+"""
+import dataclasses
+import functools
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from jax.experimental import multihost_utils
+
+from faceflax import losses, metrics
+from faceflax.data import pairs as pairs_lib, pipeline, synthetic
+from faceflax.data.errors import DataError
+from faceflax.data.folder import Examples, read_folder
+from faceflax.models import heads, resnext_cbam
+from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim
+from faceflax.train import stages as stages_lib, state as state_lib
+
+# variant: (output KD, attention KD, external teacher)
+STUDENT_VARIANTS = {
+    'nokd': (False, False, False),
+    'output': (True, False, False),
+    'attention': (False, True, False),
+    'both': (True, True, False),
+    'external': (True, False, True),
+}
+STAGES = ('teacher', *(f'student_{v}' for v in STUDENT_VARIANTS), 'evaluate')
+
+
+# ----------------------------------------------------------------------------- models
+
+class Recognizer(nn.Module):
+  """Backbone embedding plus an ArcFace classifier over the training identities."""
+  backbone: nn.Module
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    out = dict(self.backbone(images, train=train))
+    out['cosine'] = heads.ArcFaceHead(self.num_classes, name='arcface')(out['embedding'])
+    return out
+
+
+def make_model(model_config, num_classes: int) -> Recognizer:
+  kwargs = dict(model_config)
+  return Recognizer(resnext_cbam.make(kwargs.pop('variant'), **kwargs), num_classes)
+
+
+def init_variables(model: Recognizer, rng, size: int) -> dict:
+  return model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, size, size, 3)))
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclasses.dataclass(frozen=True)
+class TrainSet:
+  examples: Examples
+  labels: np.ndarray         # contiguous class index per example
+  num_classes: int
+  rows: np.ndarray           # labels.csv row of each example (for per-row arrays)
+
+
+def train_set(config) -> TrainSet:
+  d = config.data
+  everything = read_folder(d.dir, label_columns=(d.identity_column,))
+  keep = np.ones(len(everything), bool)
+  if 'split' in everything.labels:
+    keep &= everything.labels['split'] == d.train_split
+  else:
+    logging.warning('%s has no split column: training on every row', d.dir)
+  if d.drop_noisy and 'id_noisy' in everything.labels:
+    noisy = keep & (everything.labels['id_noisy'] == 1)
+    logging.info('not training on %d rows marked id_noisy=1', int(noisy.sum()))
+    keep &= ~noisy
+  if not keep.any():
+    raise DataError(f'{d.dir}: no training rows (split {d.train_split!r})')
+  rows = np.flatnonzero(keep)
+  examples = everything.select(rows)
+  classes, labels = np.unique(examples.labels[d.identity_column], return_inverse=True)
+  logging.info('training identities: %d, images: %d', len(classes), len(examples))
+  return TrainSet(examples, labels.astype(np.int32), len(classes), rows)
+
+
+def external_embeddings(config, ts: TrainSet) -> np.ndarray:
+  """The external teacher's embedding of each training example (one .npy row per csv row)."""
+  path = os.path.join(config.data.dir, config.data.external_teacher)
+  if not os.path.isfile(path):
+    raise DataError(f'student_external needs the teacher embeddings {path}: no such file')
+  emb = np.load(path, allow_pickle=False)  # plain arrays only: never unpickle data files
+  num_rows = len(read_folder(config.data.dir, check_files=False))
+  if emb.ndim != 2 or emb.shape[0] != num_rows:
+    raise DataError(f'{path}: shape {emb.shape}, expected ({num_rows}, dim): one row per '
+                    'labels.csv row')
+  if not np.all(np.isfinite(emb)):
+    raise DataError(f'{path}: non-finite values in rows {np.flatnonzero(~np.isfinite(emb).all(1))[:5]}')
+  return emb[ts.rows].astype(np.float32)
+
+
+def external_dim(config) -> int:
+  path = os.path.join(config.data.dir, config.data.external_teacher)
+  if not os.path.isfile(path):
+    raise DataError(f'student_external needs the teacher embeddings {path}: no such file')
+  return int(np.load(path, mmap_mode='r').shape[1])
+
+
+def cache_pp(config) -> str:
+  return f'decode|resize({config.data.image_size})'
+
+
+def train_batches(config, ts: TrainSet, batch_size: int, seed: int, *, degraded: bool,
+                  external=None):
+  labels = {'label': ts.labels}
+  if external is not None:
+    labels['teacher_embedding'] = external
+  # Degrade first: the later ops (flip, value range) then act on both views alike.
+  pp = f'{config.data.degrade}|{config.data.train_pp}' if degraded else config.data.train_pp
+  return functools.partial(
+      pipeline.make_train_dataset, ts.examples.paths, labels, batch_size=batch_size, pp=pp,
+      seed=seed, cache_pp=cache_pp(config), process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+# ----------------------------------------------------------------------------- stages
+
+def _apply_train(model, variables, images, rng):
+  out, new = model.apply(variables, images, train=True, rngs={'dropout': rng},
+                         mutable=['batch_stats'])
+  return out, new['batch_stats']
+
+
+def _arcface_terms(out, labels, arc) -> tuple[jax.Array, dict]:
+  labels = labels.astype(jnp.int32)
+  loss = losses.arcface(out['cosine'], labels, arc.scale, arc.margin)
+  accuracy = jnp.mean(jnp.argmax(out['cosine'], -1) == labels)
+  return loss, {'arcface': loss, 'train_accuracy': accuracy}
+
+
+def teacher_stage(name, model, config, ts: TrainSet) -> loop.Stage:
+  cfg, arc, size = config.teacher.train, config.teacher.arcface, config.data.image_size
+  tx, sched = optim.adamw(cfg, cfg.steps)
+
+  def init_fn(rng):
+    v = init_variables(model, rng, size)
+    return state_lib.init_state(v['params'], tx, v['batch_stats'])
+
+  def loss_fn(params, batch, rng, model_state):
+    out, model_state = _apply_train(model, {'params': params, 'batch_stats': model_state},
+                                    batch['image'], rng)
+    loss, terms = _arcface_terms(out, batch['label'], arc)
+    return loss, (terms, model_state)
+
+  return loop.Stage(
+      name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
+      update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+      batches=train_batches(config, ts, cfg.batch_size, config.seed, degraded=False))
+
+
+def student_stage(name, student, teacher, config, ts: TrainSet, teacher_vars,
+                  external=None) -> loop.Stage:
+  """ArcFace on degraded faces + alpha * output KD + beta * attention KD, one jit step."""
+  variant = name[len('student_'):]
+  use_output, use_attention, use_external = STUDENT_VARIANTS[variant]
+  cfg, arc, kd, size = config.student.train, config.student.arcface, config.student.kd, config.data.image_size
+  alpha = kd.alpha if use_output else 0.0
+  beta = kd.beta if use_attention else 0.0
+  maps = [m.strip() for m in kd.maps.split(',') if m.strip()]
+  unknown = set(maps) - {'channel', 'spatial'}
+  if unknown:
+    raise ValueError(f'student.kd.maps: unknown map kind(s) {sorted(unknown)}; known: channel, spatial')
+  if alpha and not use_external and kd.output not in ('embedding', 'logits'):
+    raise ValueError(f"student.kd.output={kd.output!r}: expected 'embedding' or 'logits'")
+  s_dim = student.backbone.embed_dim
+  target_dim = (external.shape[1] if use_external
+                else teacher.backbone.embed_dim if alpha and kd.output == 'embedding' else s_dim)
+  # The student's embedding is projected only where widths differ (always for an
+  # external teacher, whose embedding space is not the student's).
+  projector = nn.Dense(target_dim, name='projector') if use_external or target_dim != s_dim else None
+
+  def init_params(rng):
+    v = init_variables(student, rng, size)
+    params = {'student': v['params']}
+    if projector is not None:
+      params['projector'] = projector.init(jax.random.fold_in(rng, 1), jnp.zeros((1, s_dim)))['params']
+    return params, v['batch_stats']
+
+  tx, sched = optim.adamw(cfg, cfg.steps)
+
+  def init_fn(rng):
+    params, batch_stats = init_params(rng)
+    return state_lib.init_state(params, tx, batch_stats)
+
+  def loss_fn(params, batch, rng, teacher_vars, model_state):
+    s_out, model_state = _apply_train(
+        student, {'params': params['student'], 'batch_stats': model_state}, batch['image_lq'], rng)
+    total, terms = _arcface_terms(s_out, batch['label'], arc)
+    if (alpha and not use_external) or beta:
+      # The frozen teacher sees the high-quality view, in inference mode.
+      t_out = teacher.apply(jax.lax.stop_gradient(teacher_vars), batch['image'])
+    if alpha:
+      if use_external or kd.output == 'embedding':
+        target = batch['teacher_embedding'] if use_external else t_out['embedding']
+        emb = s_out['embedding']
+        if projector is not None:
+          emb = projector.apply({'params': params['projector']}, emb)
+        terms['output_kd'] = losses.embedding_distillation(emb, target, kind='cosine')
+      else:
+        terms['output_kd'] = losses.distillation_kl(
+            arc.scale * s_out['cosine'], arc.scale * t_out['cosine'], kd.temperature)
+      total += alpha * terms['output_kd']
+    if beta:
+      terms['attention_kd'] = sum(
+          losses.attention_transfer(s_out[f'{m}_attention'], t_out[f'{m}_attention'])
+          for m in maps) / max(len(maps), 1)
+      total += beta * terms['attention_kd']
+    return total, (terms, model_state)
+
+  return loop.Stage(
+      name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
+      update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+      batches=train_batches(config, ts, cfg.batch_size, config.seed + 1, degraded=True,
+                            external=external if use_external else None),
+      consts=(teacher_vars,), loss_fn=loss_fn)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def qualities(config) -> list[str]:
+  out = [q.strip() for q in config.eval.qualities.split(',') if q.strip()]
+  for q in out:
+    if q != 'hq' and not q.isdigit():
+      raise ValueError(f"eval.qualities: {q!r} is neither 'hq' nor a size in pixels")
+  return out
+
+
+def embed(model, variables, paths, config, mesh, quality: str) -> np.ndarray:
+  """L2-normalised embeddings of ``paths`` (in order) at one image quality."""
+  bs = config.eval_batch_size
+  mesh_lib.check_batch_size(bs, 'eval_batch_size')
+  key = 'image' if quality == 'hq' else 'image_lq'
+  pp = 'value_range(-1, 1)' if quality == 'hq' else f'degrade(resolution={int(quality)})|value_range(-1, 1)'
+
+  @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
+  def forward(v, x):
+    e = model.apply(v, x)['embedding'].astype(jnp.float32)
+    return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+  ds = pipeline.make_eval_dataset(paths, {}, batch_size=bs, pp=pp, cache_pp=cache_pp(config),
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count(), validate=False)
+  out = []
+  for batch in ds:
+    batch = mesh_lib.put_batch({'x': batch[key], 'mask': batch['mask']}, mesh)
+    emb = np.asarray(forward(variables, batch['x']))
+    mask = np.asarray(multihost_utils.process_allgather(batch['mask'], tiled=True))
+    out.append(emb[mask])
+  return np.concatenate(out)
+
+
+def verification_table(embeddings: dict, pairs, config) -> dict:
+  """embeddings: quality -> [N, D] over the unique images; pairs index into them."""
+  a, b, same = pairs
+  table = {}
+  hq = embeddings.get('hq')
+  for q, e in embeddings.items():
+    sides = {'both': e[b]}
+    if q != 'hq' and hq is not None:
+      sides['probe_vs_hq'] = hq[b]  # degraded probe against a high-quality gallery
+    for side, gallery in sides.items():
+      sim = np.sum(e[a] * gallery, axis=1)
+      acc = metrics.verification_accuracy(sim, same, num_folds=config.eval.num_folds)
+      tar, _ = metrics.tar_at_far(sim, same, far=config.eval.far)
+      table[q if q == 'hq' else f'{q}px_{side}'] = {**acc, f'tar_at_far_{config.eval.far:g}': tar}
+  return table
+
+
+def eval_pairs(config):
+  """(unique image paths, (index_a, index_b, same)) of the verification pairs."""
+  path = os.path.join(config.data.dir, config.data.eval_pairs)
+  p = pairs_lib.read_pairs_csv(path, os.path.join(config.data.dir, 'images'))
+  unique, inverse = np.unique(np.concatenate([p.paths_a, p.paths_b]), return_inverse=True)
+  n = len(p.paths_a)
+  pipeline.validate_images(list(unique))
+  return tuple(unique), (inverse[:n], inverse[n:], np.asarray(p.same, bool))
+
+
+def external_reference(config, paths, pairs) -> dict | None:
+  """The external teacher's own HQ verification accuracy, when it covers the pair images."""
+  path = os.path.join(config.data.dir, config.data.external_teacher)
+  if not config.data.external_teacher or not os.path.isfile(path):
+    return None
+  everything = read_folder(config.data.dir, check_files=False)
+  row = {p: i for i, p in enumerate(everything.paths)}
+  if not all(p in row for p in paths):
+    return None
+  emb = np.load(path, allow_pickle=False)[[row[p] for p in paths]].astype(np.float64)
+  emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+  return verification_table({'hq': emb}, pairs, config)
+
+
+def model_report(model, variables, size: int) -> dict:
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
+  flops = loop.flops_per_example(lambda v, im: model.apply(v, im)['embedding'], variables, x)
+  return {'params': loop.count_params(variables['params']['backbone']),
+          'gflops_per_image': flops / 1e9}
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+class Job:
+  """Builds stages lazily; a student's teacher comes from the teacher stage's checkpoint."""
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+    self.mesh = mesh_lib.make_mesh()
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    self._states = {}
+
+  @functools.cached_property
+  def train_set(self) -> TrainSet:
+    return train_set(self.config)
+
+  @functools.cached_property
+  def teacher(self) -> Recognizer:
+    return make_model(self.config.teacher.model, self.train_set.num_classes)
+
+  @functools.cached_property
+  def student(self) -> Recognizer:
+    return make_model(self.config.student.model, self.train_set.num_classes)
+
+  def stage(self, name, restore_only: bool = False) -> loop.Stage:
+    c, ts = self.config, self.train_set
+    if name == 'teacher':
+      return teacher_stage(name, self.teacher, c, ts)
+    if name not in STAGES:
+      raise KeyError(name)
+    teacher_vars = None if restore_only else self.variables('teacher')
+    external = None
+    if STUDENT_VARIANTS[name[len('student_'):]][2]:
+      # Restoring needs only the embedding width (the projector's shape).
+      external = (np.zeros((1, external_dim(c)), np.float32) if restore_only
+                  else external_embeddings(c, ts))
+    return student_stage(name, self.student, self.teacher, c, ts, teacher_vars, external)
+
+  def provide(self, name, state):
+    """Uses ``state`` as the result of stage ``name`` (benchmarks, notebooks)."""
+    self._states[name] = state
+
+  def state(self, name) -> dict:
+    """Final state of a stage: run it if listed and unfinished, else load its checkpoint."""
+    if name not in self._states:
+      c = self.config
+      if name in stages_lib.parse(c.stages, STAGES) and not loop.is_done(self.workdir, name):
+        self._states[name] = loop.run(self.stage(name), self.workdir, c.train, self.mesh,
+                                      self.writer)
+      else:
+        st = self.stage(name, restore_only=True)
+        self._states[name] = stages_lib.load_state(self.workdir, c.reuse_from, name,
+                                                   st.init_fn, self.mesh)
+    return self._states[name]
+
+  def variables(self, name) -> dict:
+    """{'params', 'batch_stats'} of a stage's model (a student's without its projector)."""
+    s = self.state(name)
+    params = s['params'] if name == 'teacher' else s['params']['student']
+    return {'params': params, 'batch_stats': s['model_state']}
+
+  def trained_models(self, names, require_all: bool) -> dict:
+    out = {}
+    for name in names:
+      try:
+        out[name] = (self.teacher if name == 'teacher' else self.student, self.variables(name))
+      except checkpoint.CheckpointError as e:
+        if require_all:
+          raise
+        logging.warning('not scoring %s: %s', name, e)
+    if not out:
+      raise checkpoint.CheckpointError(f'no trained teacher or student in {self.workdir}')
+    return out
+
+  def score(self, models: dict) -> dict:
+    paths, pairs = eval_pairs(self.config)
+    results = {}
+    for name, (model, variables) in models.items():
+      emb = {q: embed(model, variables, paths, self.config, self.mesh, q)
+             for q in qualities(self.config)}
+      results[name] = {**verification_table(emb, pairs, self.config),
+                       **model_report(model, variables, self.config.data.image_size)}
+    ref = external_reference(self.config, paths, pairs)
+    if ref is not None:
+      results['external_teacher_embeddings'] = ref
+    results['data'] = {'dir': self.config.data.dir, 'pairs': self.config.data.eval_pairs,
+                       'num_pairs': int(len(pairs[2])), 'num_images': len(paths)}
+    return results
+
+
+def _trained_names(stage_names) -> list[str]:
+  return [s for s in stage_names if s != 'evaluate']
+
+
+def with_data_dir(config, workdir: str):
+  """With no ``data.dir``, the built-in synthetic identities (drawn once into workdir)."""
+  if config.data.dir:
+    return config
+  config = config.copy_and_resolve_references()
+  s = config.data.synthetic
+  config.data.dir = synthetic.write_identity_dataset(
+      os.path.join(workdir, 'synthetic_identities'), num_train_ids=s.num_train_ids,
+      num_val_ids=s.num_val_ids, per_id=s.per_id, num_pairs=s.num_pairs, size=s.size,
+      seed=s.seed)
+  logging.info('no data.dir given: using the built-in procedurally drawn identities in %s',
+               config.data.dir)
+  return config
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  start = time.perf_counter()
+  names = stages_lib.parse(config.stages, STAGES)
+  os.makedirs(workdir, exist_ok=True)
+  config = with_data_dir(config, workdir)
+  job = Job(config, workdir)
+  for name in _trained_names(names):
+    job.state(name)
+  if 'evaluate' not in names:
+    return {}
+  models = job.trained_models(
+      ['teacher'] + [n for n in _trained_names(names) if n != 'teacher'], require_all=True)
+  results = job.score(models)
+  results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
+  results['wall_seconds_this_run'] = time.perf_counter() - start
+  log_table(results, job.writer)
+  stages_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  return results
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Scores every trained model of ``workdir`` on ``data.dir``'s ``data.eval_pairs``."""
+  if not config.data.dir:
+    raise ValueError('--mode=eval needs --config.data.dir (a folder-format dataset with '
+                     'the pairs file data.eval_pairs)')
+  job = Job(config, workdir)
+  names = [n for n in STAGES[:-1] if loop.is_done(workdir, n)] or ['teacher']
+  results = job.score(job.trained_models(names, require_all=False))
+  name = os.path.basename(os.path.normpath(config.data.dir))
+  log_table(results, None)
+  stages_lib.write_json(os.path.join(workdir, f'eval_{name}.json'), results)
+  return results
+
+
+def log_table(results: dict, writer) -> None:
+  for name, r in results.items():
+    if not isinstance(r, dict) or 'hq' not in r:
+      continue
+    cells = '  '.join(f'{q}={v["accuracy"]:.4f}' for q, v in r.items()
+                      if isinstance(v, dict) and 'accuracy' in v)
+    logging.info('%s: %s', name, cells)
+    if writer is not None:
+      writer.write_scalars(0, {f'eval/{name}/{q}': v['accuracy'] for q, v in r.items()
+                               if isinstance(v, dict) and 'accuracy' in v})

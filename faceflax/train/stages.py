@@ -1,0 +1,57 @@
+"""Stage bookkeeping shared by the tasks: which stages to run and where finished ones live."""
+import json
+import os
+
+import jax
+from absl import logging
+
+from faceflax.train import checkpoint, loop, mesh as mesh_lib
+
+
+def parse(stages: str, known) -> list[str]:
+  """'a,b' -> ['a', 'b'], refusing names not in ``known`` (naming them)."""
+  names = [s.strip() for s in stages.split(',') if s.strip()]
+  unknown = [s for s in names if s not in known]
+  if unknown:
+    raise ValueError(f'config.stages: unknown stage(s) {unknown}; known: {list(known)}')
+  return names
+
+
+def stage_dir(workdir: str, reuse_from: str, name: str) -> str:
+  """Where a finished stage is read from: this workdir, else ``reuse_from``."""
+  if loop.is_done(workdir, name) or not reuse_from:
+    return os.path.join(workdir, name)
+  if loop.is_done(reuse_from, name):
+    logging.info('%s: reusing the finished stage in %s', name, reuse_from)
+  return os.path.join(reuse_from, name)
+
+
+def load_state(workdir: str, reuse_from: str, name: str, init_state_fn, mesh) -> dict:
+  """The final train state of a finished stage, replicated over the mesh."""
+  abstract_state = checkpoint.abstract(jax.eval_shape(init_state_fn, jax.random.key(0)),
+                                       mesh_lib.replicated(mesh))
+  _, state = checkpoint.load_params(
+      os.path.join(stage_dir(workdir, reuse_from, name), 'ckpt'), abstract_state, name)
+  return state
+
+
+def seconds(workdir: str, reuse_from: str, names) -> dict:
+  """Training seconds of each finished stage (from its done marker)."""
+  out = {}
+  for name in names:
+    d = os.path.dirname(stage_dir(workdir, reuse_from, name))
+    if loop.is_done(d, name):
+      with open(loop.done_marker(d, name)) as f:
+        out[name] = json.load(f)['seconds']
+  return out
+
+
+def write_json(path: str, results: dict) -> None:
+  """Writes from process 0 only, atomically (a crash never leaves half a file)."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(results, f, indent=2)
+  os.replace(tmp, path)
+  logging.info('wrote %s', path)
