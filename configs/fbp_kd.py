@@ -45,13 +45,17 @@ def get_config(preset: str = ''):
       model=dict(variant='small', stem='multiscale', patch=16, stem_channels=24,
                  stem_kernels=(3, 5, 7), stem_stride=4, mask_ratio=0.5, num_bins=9, dropout=0.0),
       pretrain=optimizer(500, 128, 1.5e-3, 50, norm_pix=True),
-      finetune=optimizer(500, 64, 1e-3, 50, layer_decay=0.9, loss='mse', from_pretrained=True),
+      # ld_*: a Gaussian label distribution over the score bins (DLDL) beside the
+      # regression loss keeps the binned head from saturating on the mean score's bin.
+      finetune=optimizer(500, 64, 1e-3, 50, layer_decay=0.9, loss='mse', from_pretrained=True,
+                         ld_weight=1.0, ld_sigma=0.5),
   )
   c.student = dict(
       # Plain 8 px patches (8x8 tokens); feature KD pools them to the teacher's 4x4 grid.
       model=dict(variant='tiny', stem='patch', patch=8, mask_ratio=0.75, num_bins=9, dropout=0.0),
       pretrain=optimizer(300, 128, 1.5e-3, 30, norm_pix=True),
       kd=optimizer(400, 64, 1e-3, 40, layer_decay=0.9, loss='mse', from_pretrained=True,
+                   ld_weight=1.0, ld_sigma=0.5,
                    alpha=1.0, beta=1.0, temperature=2.0, feature_pairs='-1:-1',
                    unlabeled_batch_size=0),
   )
@@ -67,6 +71,8 @@ def get_config(preset: str = ''):
     c.student.pretrain.update(steps=1000, warmup_steps=100)
     c.student.kd.update(steps=1000, warmup_steps=100)
     c.student.kd.unlabeled_batch_size = 64  # KD also on unlabeled faces
+    # The README's SCUT figures were measured without the label-distribution term.
+    c.teacher.finetune.ld_weight = c.student.kd.ld_weight = 0.0
   elif preset == 'paper':
     c.data.image_size = 224
     c.data.synthetic.size = 224

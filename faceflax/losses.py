@@ -75,16 +75,25 @@ def gaussian_label_distribution(ages, num_ages: int, sigma) -> jax.Array:
   return jax.nn.softmax(-0.5 * ((k - ages) / sigma) ** 2, axis=-1)
 
 
-def age_kl(logits, ages, sigma, weights=None):
-  """KL(Gaussian label distribution || softmax(logits)) (DLDL, Gao et al. 2017)."""
+def label_distribution_kl(logits, values, centers, sigma, weights=None):
+  """KL(N(value, sigma^2) discretised over ``centers`` || softmax(logits)) (DLDL).
+
+  Soft targets keep every bin's gradient alive: a softmax regressed through its
+  expectation alone can saturate on the bin nearest the label mean and stop learning.
+  """
   logits = logits.astype(jnp.float32)
-  ages = jnp.asarray(ages, jnp.float32)[..., None]
+  values = jnp.asarray(values, jnp.float32)[..., None]
   sigma = jnp.asarray(sigma, jnp.float32)[..., None]
-  k = jnp.arange(logits.shape[-1], dtype=jnp.float32)
+  centers = jnp.asarray(centers, jnp.float32)
   # log p via log_softmax: exact even where p underflows to 0 (then p * log p = 0).
-  log_p = jax.nn.log_softmax(-0.5 * ((k - ages) / sigma) ** 2, axis=-1)
+  log_p = jax.nn.log_softmax(-0.5 * ((centers - values) / sigma) ** 2, axis=-1)
   kl = jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
   return masked_mean(kl, weights)
+
+
+def age_kl(logits, ages, sigma, weights=None):
+  """KL(Gaussian label distribution || softmax(logits)) (DLDL, Gao et al. 2017)."""
+  return label_distribution_kl(logits, ages, jnp.arange(logits.shape[-1]), sigma, weights)
 
 
 def expected_age(logits) -> jax.Array:

@@ -166,8 +166,8 @@ def test_kd_terms_reach_the_student_and_leave_the_teacher_frozen(tmp_path):
   assert 'output_kd' not in without and 'feature_kd' not in without
   np.testing.assert_allclose(with_kd['score_loss'], without['score_loss'], rtol=1e-6)
   np.testing.assert_allclose(
-      with_kd['loss'], with_kd['score_loss'] + with_kd['output_kd'] + with_kd['feature_kd'],
-      rtol=1e-5)
+      with_kd['loss'], with_kd['score_loss'] + with_kd['ld_kl'] + with_kd['output_kd']
+      + with_kd['feature_kd'], rtol=1e-5)
   # The KD terms change the student's and the projector's updates (without feature KD
   # the projector only feels weight decay).
   assert not np.allclose(delta_kd['student']['encoder']['block0']['MlpBlock_0']['Dense_0']['kernel'],

@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 2  # bump when drawing changes so cached folders regenerate
+GENERATOR_VERSION = 3  # bump when drawing changes so cached folders regenerate
 TRAITS = ('eye_size', 'smile', 'eye_spacing', 'asymmetry', 'smoothness',
           'skin_tone', 'eye_height', 'mouth_width', 'brow_tilt')
 SCORE_WEIGHTS = {'eye_size': 0.45, 'smile': 0.5, 'eye_spacing': 0.35,
@@ -42,7 +42,7 @@ def _sample(seed: int, i: int, size: int) -> dict:
     p = dict(zip(TRAITS, np.clip(rng.standard_normal(len(TRAITS)), -2.5, 2.5)))
     p['pose'] = rng.uniform(-1, 1, 3)            # dx, dy, scale
     p['face_shape'] = rng.uniform(-1, 1)
-    p['bg'] = rng.uniform(0.1, 0.95, 3)
+    p['bg'] = rng.uniform(0.7, 0.95, 3)          # light studio backdrops, like SCUT's
     p['hair'] = float(rng.random() < 0.7)
     p['hair_rgb'] = np.clip(_HAIR_PALETTE[rng.integers(len(_HAIR_PALETTE))]
                             + rng.normal(0, 0.04, 3), 0, 1)
@@ -270,7 +270,7 @@ _PER_IMAGE = ('pose', 'bg', 'smile', 'label_noise', 'texture', 'noise')
 def _sample_identity_image(seed: int, identity: int, shot: int, size: int) -> dict:
     p = _sample(seed, identity, size)
     rng = np.random.default_rng([seed, identity, shot, 1])
-    p.update(pose=rng.uniform(-1, 1, 3), bg=rng.uniform(0.1, 0.95, 3),
+    p.update(pose=rng.uniform(-1, 1, 3), bg=rng.uniform(0.7, 0.95, 3),
              smile=float(np.clip(rng.standard_normal(), -2.5, 2.5)),
              label_noise=rng.standard_normal(),
              texture=rng.standard_normal((size, size), dtype=np.float32),

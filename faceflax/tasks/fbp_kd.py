@@ -140,14 +140,25 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
 
   def loss_fn(params, batch, rng):
     out = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
-    loss = losses.score_regression(out['score'], batch['score'], kind=cfg.loss)
-    return loss, {}
+    return score_terms(model, cfg, out, batch['score'])
 
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
       batches=train_batches(config, examples.paths, {'score': examples.labels['score']},
                             cfg.batch_size, config.seed + 1))
+
+
+def score_terms(model: mae.MAE, cfg, out, score, weights=None) -> tuple[jax.Array, dict]:
+  """Score regression plus ``ld_weight`` * label-distribution KL over the head's bins."""
+  terms = {'score_loss': losses.score_regression(out['score'], score, weights, cfg.loss)}
+  total = terms['score_loss']
+  if cfg.ld_weight:
+    centers = jnp.linspace(*model.score_range, model.num_bins)
+    terms['ld_kl'] = losses.label_distribution_kl(out['logits'], score, centers, cfg.ld_sigma,
+                                                  weights)
+    total += cfg.ld_weight * terms['ld_kl']
+  return total, terms
 
 
 def pool_tokens(tokens, grid: int):
@@ -196,9 +207,7 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
     t_out = teacher.apply({'params': jax.lax.stop_gradient(teacher_params)}, images)
     s_out = student.apply({'params': params['student']}, images, train=True,
                           rngs={'dropout': rng})
-    score = losses.score_regression(s_out['score'], batch['score'], batch['has_label'], cfg.loss)
-    terms = {'score_loss': score}
-    total = score
+    total, terms = score_terms(student, cfg, s_out, batch['score'], batch['has_label'])
     if cfg.alpha:
       terms['output_kd'] = losses.distillation_kl(s_out['logits'], t_out['logits'], cfg.temperature)
       total += cfg.alpha * terms['output_kd']
