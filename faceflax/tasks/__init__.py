@@ -5,7 +5,8 @@ A task module exposes ``train_and_evaluate(config, workdir)`` and
 """
 import importlib
 
-TASKS = {'fbp_kd': 'faceflax.tasks.fbp_kd', 'lqfr_kd': 'faceflax.tasks.lqfr_kd'}
+TASKS = {'fbp_kd': 'faceflax.tasks.fbp_kd', 'lqfr_kd': 'faceflax.tasks.lqfr_kd',
+         'age_mtmsa': 'faceflax.tasks.age_mtmsa'}
 
 
 def get(name: str):
