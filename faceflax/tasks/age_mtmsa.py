@@ -302,8 +302,10 @@ def model_report(model, variables, config) -> dict:
 
 # ----------------------------------------------------------------------------- orchestration
 
-class Job:
+class Job(stages_lib.StageStates):
   """Builds the train stage lazily; its model comes from the run or from a checkpoint."""
+
+  known_stages = STAGES
 
   def __init__(self, config, workdir):
     check_config(config)
@@ -312,7 +314,6 @@ class Job:
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     self.model = make_model(config)
-    self._states = {}
 
   def stage(self, name, restore_only: bool = False) -> loop.Stage:
     if name != 'train':
@@ -320,23 +321,6 @@ class Job:
     c = self.config
     examples = None if restore_only else load_examples(c, c.data.train_split)
     return train_stage(name, self.model, c, examples)
-
-  def provide(self, name, state):
-    """Uses ``state`` as the result of stage ``name`` (benchmarks, notebooks)."""
-    self._states[name] = state
-
-  def state(self, name) -> dict:
-    """Final state of a stage: run it if listed and unfinished, else load its checkpoint."""
-    if name not in self._states:
-      c = self.config
-      if name in stages_lib.parse(c.stages, STAGES) and not loop.is_done(self.workdir, name):
-        self._states[name] = loop.run(self.stage(name), self.workdir, c.train, self.mesh,
-                                      self.writer)
-      else:
-        st = self.stage(name, restore_only=True)
-        self._states[name] = stages_lib.load_state(self.workdir, c.reuse_from, name,
-                                                   st.init_fn, self.mesh)
-    return self._states[name]
 
   def variables(self) -> dict:
     s = self.state('train')

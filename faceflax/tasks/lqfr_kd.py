@@ -321,15 +321,16 @@ def model_report(model, variables, size: int) -> dict:
 
 # ----------------------------------------------------------------------------- orchestration
 
-class Job:
+class Job(stages_lib.StageStates):
   """Builds stages lazily; a student's teacher comes from the teacher stage's checkpoint."""
+
+  known_stages = STAGES
 
   def __init__(self, config, workdir):
     self.config, self.workdir = config, workdir
     self.mesh = mesh_lib.make_mesh()
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
-    self._states = {}
 
   @functools.cached_property
   def train_set(self) -> TrainSet:
@@ -356,23 +357,6 @@ class Job:
       external = (np.zeros((1, external_dim(c)), np.float32) if restore_only
                   else external_embeddings(c, ts))
     return student_stage(name, self.student, self.teacher, c, ts, teacher_vars, external)
-
-  def provide(self, name, state):
-    """Uses ``state`` as the result of stage ``name`` (benchmarks, notebooks)."""
-    self._states[name] = state
-
-  def state(self, name) -> dict:
-    """Final state of a stage: run it if listed and unfinished, else load its checkpoint."""
-    if name not in self._states:
-      c = self.config
-      if name in stages_lib.parse(c.stages, STAGES) and not loop.is_done(self.workdir, name):
-        self._states[name] = loop.run(self.stage(name), self.workdir, c.train, self.mesh,
-                                      self.writer)
-      else:
-        st = self.stage(name, restore_only=True)
-        self._states[name] = stages_lib.load_state(self.workdir, c.reuse_from, name,
-                                                   st.init_fn, self.mesh)
-    return self._states[name]
 
   def variables(self, name) -> dict:
     """{'params', 'batch_stats'} of a stage's model (a student's without its projector)."""

@@ -55,3 +55,32 @@ def write_json(path: str, results: dict) -> None:
     json.dump(results, f, indent=2)
   os.replace(tmp, path)
   logging.info('wrote %s', path)
+
+
+class StageStates:
+  """Mixin for a task's Job: each stage's final state, computed once per job.
+
+  The Job provides ``config``, ``workdir``, ``mesh``, ``writer``, ``known_stages``
+  and ``stage(name, restore_only)``; a listed, unfinished stage is run, any other
+  is restored from its checkpoint (here or in ``config.reuse_from``).
+  """
+  known_stages: tuple = ()
+
+  def provide(self, name, state):
+    """Uses ``state`` as the result of stage ``name`` (benchmarks, notebooks)."""
+    self._stage_states()[name] = state
+
+  def state(self, name) -> dict:
+    states, c = self._stage_states(), self.config
+    if name not in states:
+      if name in parse(c.stages, self.known_stages) and not loop.is_done(self.workdir, name):
+        states[name] = loop.run(self.stage(name), self.workdir, c.train, self.mesh, self.writer)
+      else:
+        st = self.stage(name, restore_only=True)
+        states[name] = load_state(self.workdir, c.reuse_from, name, st.init_fn, self.mesh)
+    return states[name]
+
+  def _stage_states(self) -> dict:
+    if '_states' not in self.__dict__:
+      self._states = {}
+    return self._states
