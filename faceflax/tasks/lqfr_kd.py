@@ -247,18 +247,25 @@ def qualities(config) -> list[str]:
   return out
 
 
-def embed(model, variables, paths, config, mesh, quality: str) -> np.ndarray:
-  """L2-normalised embeddings of ``paths`` (in order) at one image quality."""
-  bs = config.eval_batch_size
-  mesh_lib.check_batch_size(bs, 'eval_batch_size')
-  key = 'image' if quality == 'hq' else 'image_lq'
-  pp = 'value_range(-1, 1)' if quality == 'hq' else f'degrade(resolution={int(quality)})|value_range(-1, 1)'
-
+def embedding_fn(model, mesh):
+  """Jitted (variables, images) -> L2-normalised embeddings, replicated."""
   @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
   def forward(v, x):
     e = model.apply(v, x)['embedding'].astype(jnp.float32)
     return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+  return forward
 
+
+def embed(model, variables, paths, config, mesh, quality: str, forward=None) -> np.ndarray:
+  """L2-normalised embeddings of ``paths`` (in order) at one image quality.
+
+  Pass ``forward`` (from ``embedding_fn``) to reuse one compiled function across qualities.
+  """
+  bs = config.eval_batch_size
+  mesh_lib.check_batch_size(bs, 'eval_batch_size')
+  key = 'image' if quality == 'hq' else 'image_lq'
+  pp = 'value_range(-1, 1)' if quality == 'hq' else f'degrade(resolution={int(quality)})|value_range(-1, 1)'
+  forward = forward or embedding_fn(model, mesh)
   ds = pipeline.make_eval_dataset(paths, {}, batch_size=bs, pp=pp, cache_pp=cache_pp(config),
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count(), validate=False)
@@ -379,9 +386,11 @@ class Job(stages_lib.StageStates):
 
   def score(self, models: dict) -> dict:
     paths, pairs = eval_pairs(self.config)
-    results = {}
+    results, forwards = {}, {}
     for name, (model, variables) in models.items():
-      emb = {q: embed(model, variables, paths, self.config, self.mesh, q)
+      # One compiled forward per architecture: all students share the student's.
+      forward = forwards.setdefault(id(model), embedding_fn(model, self.mesh))
+      emb = {q: embed(model, variables, paths, self.config, self.mesh, q, forward)
              for q in qualities(self.config)}
       results[name] = {**verification_table(emb, pairs, self.config),
                        **model_report(model, variables, self.config.data.image_size)}
