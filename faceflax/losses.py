@@ -219,3 +219,27 @@ def attention_transfer(student_maps, teacher_maps, weights=None):
     t = _l2_normalize(t.reshape(t.shape[0], -1))
     per_pair.append(masked_mean(jnp.sum((s - t) ** 2, axis=-1), weights))
   return sum(per_pair) / len(per_pair)
+
+
+# ----------------------------------------------------------------------------- face priors
+
+def soft_cross_entropy(logits, target_probs, weights=None):
+  """Cross-entropy against a target distribution per row (e.g. region fractions of a patch).
+
+  logits, target_probs: [..., K]; rows are averaged (``weights`` [...] masks rows).
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return masked_mean(-jnp.sum(target_probs * logp, axis=-1), weights)
+
+
+def pooled_feature_cosine(pred_tokens, target_tokens, member, eps: float = 1e-6):
+  """1 - cosine between the mean predicted and mean target token over ``member`` tokens.
+
+  pred_tokens, target_tokens: [B, N, D]; member: [B, N] (1 = token of the component).
+  Examples with no member token are left out of the mean.
+  """
+  member = member.astype(jnp.float32)
+  count = member.sum(-1, keepdims=True)
+  pool = lambda t: jnp.sum(t.astype(jnp.float32) * member[..., None], 1) / jnp.maximum(count, 1.0)
+  cos = jnp.sum(_l2_normalize(pool(pred_tokens), eps) * _l2_normalize(pool(target_tokens), eps), -1)
+  return masked_mean(1.0 - cos, (count[:, 0] > 0).astype(jnp.float32))

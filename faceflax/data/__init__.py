@@ -1,5 +1,6 @@
 """Face datasets: readers for on-disk formats and tf.data input pipelines."""
 
+from faceflax.data import face_regions  # Registers the 'face_regions' op.
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, read_folder
 from faceflax.data.ops import get_preprocess_fn, register

@@ -6,7 +6,9 @@ a function dict -> dict on tf tensors. Ops act on features['image'] and keep
 its dtype (uint8 stays uint8, rounded) except `decode` (bytes -> uint8) and
 `value_range` (-> float32). After `degrade`, which adds a low-quality copy
 features['image_lq'], the later ops transform both images with the same random
-draws so they stay pixel-aligned. Random ops are stateless: they draw from the
+draws so they stay pixel-aligned. Geometric ops (resize, crop, flip) also move
+a float region map features['regions'] (from `face_regions`) with the image;
+photometric ops leave it alone. Random ops are stateless: they draw from the
 per-example seed features['rng'] (shape [2]) and replace it with a fresh one,
 so the same seed always gives the same augmentation.
 """
@@ -25,6 +27,7 @@ except (RuntimeError, ValueError):  # Devices already initialised.
 
 Features = dict[str, tf.Tensor]
 IMAGE_KEYS = ('image', 'image_lq')  # Transformed alike by every op after `degrade`.
+GEOMETRIC_KEYS = IMAGE_KEYS + ('regions',)  # Resized, cropped and flipped alike.
 _OPS: dict[str, Callable[..., Callable[[Features], Features]]] = {}
 
 
@@ -83,8 +86,8 @@ def _like(image, dtype):
   return tf.cast(image, dtype)
 
 
-def _image_keys(features):
-  return [key for key in IMAGE_KEYS if key in features]
+def _image_keys(features, keys=IMAGE_KEYS):
+  return [key for key in keys if key in features]
 
 
 def _resize(image, size):
@@ -106,7 +109,7 @@ def get_decode():
 @register('resize')
 def get_resize(size):
   def resize(features):
-    for key in _image_keys(features):
+    for key in _image_keys(features, GEOMETRIC_KEYS):
       features[key] = _resize(features[key], size)
     return features
   return resize
@@ -122,7 +125,7 @@ def get_random_resized_crop(size, scale=(0.8, 1.0), ratio=(0.9, 1 / 0.9)):
         seed=_next_seed(features, 'random_resized_crop'), min_object_covered=0.0,
         area_range=scale, aspect_ratio_range=ratio,
         use_image_if_no_bounding_boxes=True)
-    for key in _image_keys(features):
+    for key in _image_keys(features, GEOMETRIC_KEYS):
       features[key] = _resize(tf.slice(features[key], begin, crop_size), size)
     return features
   return random_resized_crop
@@ -134,7 +137,7 @@ def get_flip_lr():
     # One draw for all images, the same tf.image.stateless_random_flip_left_right
     # makes, so single-image pipelines give the same flips as before.
     flip = tf.random.stateless_uniform([], _next_seed(features, 'flip_lr')) < 0.5
-    for key in _image_keys(features):
+    for key in _image_keys(features, GEOMETRIC_KEYS):
       features[key] = tf.where(flip, tf.reverse(features[key], [1]), features[key])
     return features
   return flip_lr

@@ -39,10 +39,17 @@ def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
                           h=grid, p=patch, q=patch, c=channels)
 
 
-def random_masking(rng: jax.Array, batch: int, tokens: int, mask_ratio: float):
-  """Per-example random permutation; returns (keep_idx [B,K], mask [B,N] 1=masked)."""
+def random_masking(rng: jax.Array, batch: int, tokens: int, mask_ratio: float,
+                   priority: jax.Array | None = None):
+  """Per-example random permutation; returns (keep_idx [B,K], mask [B,N] 1=masked).
+
+  ``priority`` [B, N] (optional, >= 0) is added to the uniform noise: tokens
+  with priority >= 1 are masked before any other (e.g. a whole facial component).
+  """
   num_keep = int(round(tokens * (1 - mask_ratio)))
   noise = jax.random.uniform(rng, (batch, tokens))
+  if priority is not None:
+    noise = noise + priority
   order = jnp.argsort(noise, axis=1)
   keep_idx = order[:, :num_keep]
   mask = jnp.ones((batch, tokens)).at[jnp.arange(batch)[:, None], keep_idx].set(0.0)
@@ -177,11 +184,15 @@ class MAE(nn.Module):
     logits, score = self.head(tokens.mean(axis=1), train)
     return {'logits': logits, 'score': score, 'hidden': hidden, 'pooled': tokens.mean(axis=1)}
 
-  def pretrain(self, images, train: bool = True):
-    """MAE forward: returns predicted patches, target patches and the mask (1 = masked)."""
+  def pretrain(self, images, train: bool = True, mask_priority=None):
+    """MAE forward on a random masking (``random_masking``'s ``priority`` steers it).
+
+    Returns predicted and target patches, the mask (1 = masked), the encoder's
+    visible tokens ('latent', at 'keep_idx') and the decoder's tokens ('decoded').
+    """
     b = images.shape[0]
     n = self.grid * self.grid
-    keep_idx, mask = random_masking(self.make_rng('mask'), b, n, self.mask_ratio)
+    keep_idx, mask = random_masking(self.make_rng('mask'), b, n, self.mask_ratio, mask_priority)
     if self.stem == 'multiscale':
       # Zero masked patches in pixel space first: convolutions would otherwise
       # leak the border pixels of masked patches into visible tokens.
@@ -198,7 +209,8 @@ class MAE(nn.Module):
     full = full.at[jnp.arange(b)[:, None], keep_idx].set(y)
     y, _ = self.decoder(full + self.decoder_pos_embed, train)
     pred = self.decoder_pred(y)
-    return {'pred': pred, 'target': patchify(images, self.patch), 'mask': mask}
+    return {'pred': pred, 'target': patchify(images, self.patch), 'mask': mask,
+            'latent': latent, 'keep_idx': keep_idx, 'decoded': y}
 
   def init_all(self, images):
     """Touches every submodule so one init creates all parameters."""

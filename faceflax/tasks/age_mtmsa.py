@@ -360,9 +360,7 @@ def evaluate(config, workdir: str) -> dict:
   """Scores the trained model of ``workdir`` on ``data.dir`` / ``eval.split``."""
   check_config(config)
   job = Job(config, workdir)
-  job.config = config.copy_and_resolve_references()
-  with job.config.unlocked():
-    job.config.stages = ''  # load, never train
+  job.config = stages_lib.restore_only(config)
   examples = load_examples(config, config.eval.split)
   results = job.evaluate_on(examples, config.eval.split)
   name = os.path.basename(os.path.normpath(config.data.dir))

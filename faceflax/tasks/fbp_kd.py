@@ -422,9 +422,7 @@ def evaluate(config, workdir: str) -> dict:
   if not config.data.dir:
     raise ValueError('--mode=eval needs --config.data.dir (a folder-format or official dataset)')
   job = Job(config, workdir)
-  job.config = config.copy_and_resolve_references()
-  with job.config.unlocked():
-    job.config.stages = ''  # load, never train
+  job.config = stages_lib.restore_only(config)
   examples = labeled_examples(config, config.eval.split, workdir)
   results = score_models(job.models(require_all=False), examples, config, job.mesh)
   name = os.path.basename(os.path.normpath(config.data.dir))

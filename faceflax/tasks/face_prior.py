@@ -1,0 +1,279 @@
+"""Face-prior pretraining: a ViT masked autoencoder with pixel-, patch- and component-level tasks.
+
+Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
+  pretrain  one jit step, three weighted terms (a weight of 0 switches a task off):
+            pixel      MAE: the per-patch normalised pixels of the masked patches
+            patch      every visible token predicts which facial regions its patch
+                       covers: soft cross-entropy against the patch's region fractions
+                       (``face_regions.REGIONS``, from landmarks or the aligned-face template)
+            component  one facial component per face (``face_regions.COMPONENTS``) is
+                       masked whole, random patches fill up the mask ratio; the decoder
+                       predicts the component's representation: its mean token in the
+                       encoder's view of the unmasked face (stop-gradient), by cosine.
+                       With this task off the masking is plain random (MAE).
+  evaluate  the enabled terms and the patch-region accuracy on held-out val faces
+            -> ``<workdir>/results.json``
+The encoder is scored downstream by the transfer benchmark (``configs/transfer.py``,
+backbone stage 'pretrain'; the checkpoint's params are {'mae': ..., 'prior': ...}).
+"""
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from faceflax import losses
+from faceflax.data import face_regions, pipeline
+from faceflax.data.errors import DataError
+from faceflax.data.folder import read_folder
+from faceflax.models import mae
+from faceflax.train import loop, mesh as mesh_lib, optim
+from faceflax.train import stages as stages_lib, state as state_lib
+
+STAGES = ('pretrain', 'evaluate')
+TERMS = ('pixel', 'patch', 'component')
+
+
+class PriorHeads(nn.Module):
+  """Linear heads of the two face-prior tasks (dropped after pretraining)."""
+  num_regions: int
+  width: int
+
+  @nn.compact
+  def __call__(self, latent, decoded):
+    return (nn.Dense(self.num_regions, name='region')(latent),
+            nn.Dense(self.width, name='component')(decoded))
+
+
+def check_config(config) -> None:
+  p = config.prior
+  weights = {t: p[f'{t}_weight'] for t in TERMS}
+  if any(w < 0 for w in weights.values()) or not any(weights.values()):
+    raise ValueError(f'prior weights {weights}: need >= 0 and at least one > 0')
+  if config.data.image_size % config.model.patch:
+    raise ValueError(f'data.image_size={config.data.image_size} is not divisible by '
+                     f'model.patch={config.model.patch}')
+  if not 0 < p.membership_threshold <= 1:
+    raise ValueError(f'prior.membership_threshold={p.membership_threshold}: must be in (0, 1]')
+  stages_lib.parse(config.stages, STAGES)
+
+
+def make_model(config) -> mae.MAE:
+  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'variant'}
+  return mae.make(config.model.variant, image_size=config.data.image_size, **kwargs)
+
+
+def init_params(model: mae.MAE, heads: PriorHeads, rng, size: int) -> dict:
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
+  rngs = {'params': rng, 'mask': jax.random.fold_in(rng, 1), 'dropout': jax.random.fold_in(rng, 2)}
+  params = model.init(rngs, x, method=model.init_all)['params']
+  out = model.apply({'params': params}, x, method=model.pretrain, rngs=rngs)
+  return {'mae': params,
+          'prior': heads.init(jax.random.fold_in(rng, 3), out['latent'], out['decoded'])['params']}
+
+
+# ----------------------------------------------------------------------------- the step
+
+def component_members(fractions, threshold: float, rng):
+  """[B, N] 1 for the patches of one facial component drawn per face among those present."""
+  members = face_regions.component_membership(fractions, threshold)  # [B, N, C]
+  present = members.any(axis=1)                                       # [B, C]
+  choice = jax.random.categorical(rng, jnp.where(present, 0.0, -1e9))  # uniform over present
+  member = jnp.take_along_axis(members, choice[:, None, None], axis=2)[..., 0]
+  return (member & present.any(axis=1, keepdims=True)).astype(jnp.float32)
+
+
+def prior_terms(model: mae.MAE, heads: PriorHeads, cfg, params, batch, rng, train=True):
+  """(weighted total, per-term dict) of the enabled face-prior tasks on one batch."""
+  images = batch['image']
+  fractions = face_regions.patch_fractions(batch['regions'], model.patch)  # [B, N, R]
+  mask_rng, component_rng, dropout_rng = jax.random.split(rng, 3)
+  member = None
+  if cfg.component_weight:
+    member = component_members(fractions, cfg.membership_threshold, component_rng)
+  out = model.apply({'params': params['mae']}, images, train, mask_priority=member,
+                    method=model.pretrain, rngs={'mask': mask_rng, 'dropout': dropout_rng})
+  region_logits, component_pred = heads.apply({'params': params['prior']}, out['latent'],
+                                              out['decoded'])
+  terms, aux = {}, {}
+  if cfg.pixel_weight:
+    terms['pixel'] = losses.mae_reconstruction(out['pred'], out['target'], out['mask'],
+                                               cfg.norm_pix)
+  if cfg.patch_weight:
+    visible = jnp.take_along_axis(fractions, out['keep_idx'][..., None], axis=1)
+    terms['patch'] = losses.soft_cross_entropy(region_logits, visible)
+    aux['region_accuracy'] = jnp.mean(region_logits.argmax(-1) == visible.argmax(-1))
+  if cfg.component_weight:
+    tokens, _ = model.apply({'params': params['mae']}, images, method=model.tokens)
+    terms['component'] = losses.pooled_feature_cosine(
+        component_pred, jax.lax.stop_gradient(tokens), member * out['mask'])
+    aux['component_tokens'] = jnp.mean(member.sum(-1))
+  total = sum(cfg[f'{t}_weight'] * v for t, v in terms.items())
+  return total, {**terms, **aux}
+
+
+# ----------------------------------------------------------------------------- data
+
+def dataset_dirs(config) -> list[str]:
+  names = [n.strip() for n in config.data.datasets.split(',') if n.strip()]
+  if not names:
+    raise ValueError('data.datasets is empty: name at least one folder under data.root')
+  return [os.path.join(config.data.root, n) for n in names]
+
+
+def load_faces(config, split: str) -> tuple[tuple, np.ndarray]:
+  """Paths and face shapes of ``split`` of every dataset (a folder without splits gives all rows).
+
+  The labels are never read: pretraining sees images and face geometry only.
+  """
+  paths, shapes = [], []
+  for root in dataset_dirs(config):
+    examples = read_folder(root)
+    if 'split' in examples.labels:
+      examples = examples.select(examples.labels['split'] == split)
+    if not len(examples):
+      raise DataError(f'{root}: no rows with split {split!r}')
+    paths += examples.paths
+    # Datasets without landmarks: the 5-point template of their chips where measured.
+    template = face_regions.CHIP_TEMPLATES.get(os.path.basename(os.path.normpath(root)),
+                                               face_regions.ARCFACE_TEMPLATE)
+    shapes.append(face_regions.load_face_shapes(root, examples, template))
+    logging.info('%s split %r: %d faces', root, split, len(examples))
+  return tuple(paths), np.concatenate(shapes)
+
+
+def pp(config, spec: str) -> str:
+  return spec.replace('{size}', str(config.data.image_size))
+
+
+def cache_pp(config) -> str:
+  return f'decode|resize({config.data.image_size})'
+
+
+# ----------------------------------------------------------------------------- stages
+
+def pretrain_stage(name, model, heads, config, faces) -> loop.Stage:
+  cfg, size = config.train, config.data.image_size
+  tx, sched = optim.adamw(cfg, cfg.steps)
+
+  def init_fn(rng):
+    return state_lib.init_state(init_params(model, heads, rng, size), tx)
+
+  def loss_fn(params, batch, rng):
+    return prior_terms(model, heads, config.prior, params, batch, rng)
+
+  batches = None
+  if faces is not None:
+    paths, shapes = faces
+
+    def batches(start_step):
+      return pipeline.make_train_dataset(
+          paths, {'face_shapes': shapes}, batch_size=cfg.batch_size,
+          pp=pp(config, config.data.train_pp), seed=config.seed, start_step=start_step,
+          cache_pp=cache_pp(config), process_index=jax.process_index(),
+          process_count=jax.process_count())
+
+  return loop.Stage(name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
+                    update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+                    batches=batches, loss_fn=loss_fn)
+
+
+def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
+  """Mean of each enabled term over the val faces, with a fixed masking seed per batch.
+
+  The terms are batch means, so only whole batches are scored; the remainder
+  (fewer than ``eval_batch_size`` faces) is reported as 'n_left_out'.
+  """
+  paths, shapes = faces
+  bs = config.eval_batch_size
+  mesh_lib.check_batch_size(bs, 'eval_batch_size')
+  whole = len(paths) // bs * bs
+  if not whole:
+    raise DataError(f'{len(paths)} val faces do not fill one eval batch of {bs}')
+  step = jax.jit(lambda p, b, r: prior_terms(model, heads, config.prior, p, b, r, train=False)[1])
+  ds = pipeline.make_eval_dataset(paths[:whole], {'face_shapes': shapes[:whole]}, batch_size=bs,
+                                  pp=pp(config, config.data.eval_pp), cache_pp=cache_pp(config),
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  sums = {}
+  for i, batch in enumerate(ds):
+    batch = mesh_lib.put_batch({k: batch[k] for k in ('image', 'regions')}, mesh)
+    for k, v in jax.device_get(step(params, batch, jax.random.key(i))).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {k: v / len(ds) for k, v in sums.items()} | {'n': whole, 'n_left_out': len(paths) - whole}
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+class Job(stages_lib.StageStates):
+  known_stages = STAGES
+
+  def __init__(self, config, workdir):
+    check_config(config)
+    self.config, self.workdir = config, workdir
+    self.mesh = mesh_lib.make_mesh()
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    self.model = make_model(config)
+    self.heads = PriorHeads(len(face_regions.REGIONS), self.model.width)
+
+  def stage(self, name, restore_only: bool = False) -> loop.Stage:
+    if name != 'pretrain':
+      raise KeyError(name)
+    faces = None if restore_only else load_faces(self.config, self.config.data.train_split)
+    return pretrain_stage(name, self.model, self.heads, self.config, faces)
+
+  def evaluate_on(self, split: str) -> dict:
+    faces = load_faces(self.config, split)
+    params = self.state('pretrain')['params']
+    results = {'val': evaluate_terms(self.model, self.heads, self.config, params, faces,
+                                     self.mesh)}
+    results['model'] = {'variant': self.config.model.variant,
+                        'encoder_params': loop.count_params(
+                            {k: v for k, v in params['mae'].items()
+                             if not k.startswith('decoder') and k != 'mask_token'}),
+                        'image_size': self.config.data.image_size, 'patch': self.model.patch}
+    results['prior'] = self.config.prior.to_dict()
+    results['data'] = {'datasets': self.config.data.datasets, 'split': split}
+    return results
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  start = time.perf_counter()
+  check_config(config)
+  names = stages_lib.parse(config.stages, STAGES)
+  os.makedirs(workdir, exist_ok=True)
+  job = Job(config, workdir)
+  if 'pretrain' in names:
+    job.state('pretrain')
+  if 'evaluate' not in names:
+    return {}
+  results = job.evaluate_on(config.data.eval_split)
+  results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
+  results['wall_seconds_this_run'] = time.perf_counter() - start
+  log_results(results, job.writer)
+  stages_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  return results
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Re-scores the pretraining terms of ``workdir`` on ``data.datasets`` / ``eval.split``."""
+  check_config(config)
+  job = Job(config, workdir)
+  job.config = stages_lib.restore_only(config)
+  results = job.evaluate_on(config.eval.split)
+  log_results(results, None)
+  stages_lib.write_json(os.path.join(workdir, f'eval_{config.eval.split}.json'), results)
+  return results
+
+
+def log_results(results: dict, writer) -> None:
+  val = {k: v for k, v in results['val'].items() if k not in ('n', 'n_left_out')}
+  logging.info('face-prior val (n=%d): %s', results['val']['n'],
+               '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
+  if writer is not None:
+    writer.write_scalars(0, {f'eval/{k}': v for k, v in val.items()})
