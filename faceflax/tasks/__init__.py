@@ -6,7 +6,7 @@ A task module exposes ``train_and_evaluate(config, workdir)`` and
 import importlib
 
 TASKS = {'fbp_kd': 'faceflax.tasks.fbp_kd', 'lqfr_kd': 'faceflax.tasks.lqfr_kd',
-         'age_mtmsa': 'faceflax.tasks.age_mtmsa'}
+         'age_mtmsa': 'faceflax.tasks.age_mtmsa', 'face_prior': 'faceflax.tasks.face_prior'}
 
 
 def get(name: str):
