@@ -47,7 +47,7 @@ def get_config(preset: str = ''):
       norm_pix=True,
       membership_threshold=0.1,  # a patch belongs to a component covering >= 10% of it
   )
-  c.train = dict(steps=2000, batch_size=128, lr=1.5e-3, warmup_steps=100, weight_decay=0.05,
+  c.train = dict(steps=800, batch_size=128, lr=1.5e-3, warmup_steps=100, weight_decay=0.05,
                  grad_clip=1.0, log_every=50, checkpoint_every=500, keep_checkpoints=2)
   c.train.seed = c.get_ref('seed')
   c.eval = dict(split='val')  # --mode=eval

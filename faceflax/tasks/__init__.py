@@ -6,7 +6,8 @@ A task module exposes ``train_and_evaluate(config, workdir)`` and
 import importlib
 
 TASKS = {'fbp_kd': 'faceflax.tasks.fbp_kd', 'lqfr_kd': 'faceflax.tasks.lqfr_kd',
-         'age_mtmsa': 'faceflax.tasks.age_mtmsa', 'face_prior': 'faceflax.tasks.face_prior'}
+         'age_mtmsa': 'faceflax.tasks.age_mtmsa', 'face_prior': 'faceflax.tasks.face_prior',
+         'transfer': 'faceflax.tasks.transfer'}
 
 
 def get(name: str):

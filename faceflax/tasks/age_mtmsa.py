@@ -22,14 +22,13 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
-from jax.experimental import multihost_utils
 
 from faceflax import losses, metrics
 from faceflax.data import age_datasets, pipeline
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, read_folder
 from faceflax.models import resnet_msa
-from faceflax.train import loop, mesh as mesh_lib, optim
+from faceflax.train import evaluation, loop, mesh as mesh_lib, optim
 from faceflax.train import stages as stages_lib, state as state_lib
 
 STAGES = ('train', 'evaluate')
@@ -247,8 +246,6 @@ def age_to_group(ages) -> np.ndarray:
 
 def predict(model, variables, examples: Examples, config, mesh) -> dict[str, np.ndarray]:
   """Predicted age (and gender / race class) of every example exactly once, in order."""
-  bs = config.eval_batch_size
-  mesh_lib.check_batch_size(bs, 'eval_batch_size')
   kind = config.loss.age
 
   @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
@@ -260,16 +257,9 @@ def predict(model, variables, examples: Examples, config, mesh) -> dict[str, np.
         pred[head] = jnp.argmax(out[f'{head}_logits'], axis=-1)
     return pred
 
-  ds = pipeline.make_eval_dataset(examples.paths, {}, batch_size=bs, pp=config.data.eval_pp,
-                                  cache_pp=cache_pp(config), process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-  chunks = []
-  for batch in ds:
-    batch = mesh_lib.put_batch(batch, mesh)
-    pred = jax.device_get(forward(variables, batch['image']))
-    mask = np.asarray(multihost_utils.process_allgather(batch['mask'], tiled=True))
-    chunks.append({k: np.asarray(v)[mask] for k, v in pred.items()})
-  return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  return evaluation.predict_all(forward, variables, examples.paths, mesh,
+                                batch_size=config.eval_batch_size, pp=config.data.eval_pp,
+                                cache_pp=cache_pp(config))
 
 
 def score(pred: dict, examples: Examples) -> dict:

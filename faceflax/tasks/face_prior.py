@@ -166,16 +166,13 @@ def pretrain_stage(name, model, heads, config, faces) -> loop.Stage:
   def loss_fn(params, batch, rng):
     return prior_terms(model, heads, config.prior, params, batch, rng)
 
-  batches = None
-  if faces is not None:
+  def batches(start_step):  # faces is None when the stage is only restored
     paths, shapes = faces
-
-    def batches(start_step):
-      return pipeline.make_train_dataset(
-          paths, {'face_shapes': shapes}, batch_size=cfg.batch_size,
-          pp=pp(config, config.data.train_pp), seed=config.seed, start_step=start_step,
-          cache_pp=cache_pp(config), process_index=jax.process_index(),
-          process_count=jax.process_count())
+    return pipeline.make_train_dataset(
+        paths, {'face_shapes': shapes}, batch_size=cfg.batch_size,
+        pp=pp(config, config.data.train_pp), seed=config.seed, start_step=start_step,
+        cache_pp=cache_pp(config), process_index=jax.process_index(),
+        process_count=jax.process_count())
 
   return loop.Stage(name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
                     update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,

@@ -44,6 +44,30 @@ def load_params(directory: str, abstract_state, what: str):
   return step, state
 
 
+def load_raw(directory: str, sharding, what: str) -> tuple[int, dict]:
+  """The newest readable checkpoint as saved, with ``sharding``, whatever its tree.
+
+  The tree comes from the checkpoint's own metadata, so any stage's state loads
+  without knowing its model or optimizer (e.g. a backbone for transfer).
+  """
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'{what}: no checkpoint directory {directory}')
+  mngr = ocp.CheckpointManager(os.path.abspath(directory),
+                               item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        meta = mngr.item_metadata(step)
+        tree = abstract(getattr(meta, 'tree', meta), sharding)
+        return step, mngr.restore(step, args=ocp.args.StandardRestore(tree))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error('checkpoint %s/%d is unreadable (%s: %s); trying an older one',
+                      directory, step, type(e).__name__, str(e)[:300])
+  finally:
+    mngr.close()
+  raise CheckpointError(f'{what}: no readable checkpoint in {directory}')
+
+
 def abstract(tree, sharding):
   """ShapeDtypeStructs with the target sharding, for StandardRestore."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

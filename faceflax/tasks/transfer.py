@@ -1,0 +1,673 @@
+"""Transfer benchmark: any pretrained MAE ViT backbone of this repo on downstream face tasks.
+
+The backbone is the MAE params of a finished stage (``backbone.workdir``/``backbone.stage``,
+newest checkpoint; ``params['mae']``, ``params['student']`` or the params themselves), or a
+random init when ``backbone.workdir`` is empty (the scratch baseline). Features are the
+mean-pooled final encoder tokens of the unmasked image.
+
+For each task of ``config.tasks`` (see ``TASKS``), each protocol of ``config.protocols``:
+  linear    features of every train and val face, standardised with train statistics;
+            closed-form ridge regression, lambda by exact leave-one-out error on the fitted
+            rows (regression), or an L-BFGS-fitted multinomial / independent logistic
+            regression (classification / multilabel); val metrics
+  fewshot   the same probe on a seeded class-balanced (classification) or uniform
+            (multilabel, regression) subset of the train rows; mean and std over seeds.
+            The features keep the statistics of the whole train split (no labels used)
+  finetune  backbone + fresh Dense head trained with the task loss as stage
+            ``finetune_<task>`` (checkpointed and resumed like every stage), scored on val
+-> ``<workdir>/results.json`` {task: {protocol: {metric: value, ..., n_train, n_val}},
+   'backbone': {...}, 'seconds': {...}} and a table in the log and ``results.md``.
+"""
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from flax import traverse_util
+
+from faceflax import metrics
+from faceflax.data import pipeline
+from faceflax.data.errors import DataError
+from faceflax.data.folder import Examples, read_folder
+from faceflax.models import mae
+from faceflax.tasks import fbp_kd
+from faceflax.train import checkpoint, evaluation, loop, mesh as mesh_lib, optim
+from faceflax.train import stages as stages_lib, state as state_lib
+
+KINDS = ('classification', 'multilabel', 'regression')
+PROTOCOLS = ('linear', 'fewshot', 'finetune')
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """One downstream task: where its data is, what it predicts and how it is scored."""
+  data: str                    # folder-format dataset under config.data.root
+  columns: tuple[str, ...]     # label columns; () = every +1/-1 column of labels.csv
+  kind: str                    # one of KINDS
+  metric: str                  # primary metric, a key of score()'s result
+  higher_is_better: bool
+  num_classes: int = 0         # classification only
+  loss: str = 'mse'            # regression only: 'mse' | 'l1'
+
+
+TASKS = {
+    'expression': TaskSpec('fer2013', ('label',), 'classification', 'accuracy', True,
+                           num_classes=7),
+    'attributes': TaskSpec('celeba_id', (), 'multilabel', 'mean_accuracy', True),
+    'age': TaskSpec('utkface', ('age',), 'regression', 'mae', False, loss='l1'),
+    'beauty': TaskSpec('scut_fbp5500', ('score',), 'regression', 'pc', True, loss='mse'),
+}
+# Never attributes, even when a dataset happens to hold only +1/-1 in them.
+NOT_ATTRIBUTES = ('filename', 'identity', 'id_noisy', 'split', 'n_faces_detected')
+
+
+def stage_name(task: str) -> str:
+  return f'finetune_{task}'
+
+
+def parse_names(value: str, known, key: str) -> list[str]:
+  names = [s.strip() for s in str(value).split(',') if s.strip()]
+  unknown = [n for n in names if n not in known]
+  if unknown or not names:
+    raise ValueError(f'{key}={value!r}: unknown or no names {unknown}; known: '
+                     f'{", ".join(known)}')
+  return list(dict.fromkeys(names))
+
+
+def check_config(config) -> None:
+  """Rejects unknown names and bad settings before any data is read or step compiled."""
+  parse_names(config.protocols, PROTOCOLS, 'protocols')
+  for name in parse_names(config.tasks, list(TASKS), 'tasks'):
+    spec = TASKS[name]
+    if spec.kind not in KINDS or (spec.kind == 'regression' and spec.loss not in ('mse', 'l1')):
+      raise ValueError(f'TASKS[{name!r}]: kind {spec.kind!r} / loss {spec.loss!r} unknown')
+  if config.fewshot.seeds < 1:
+    raise ValueError(f'fewshot.seeds={config.fewshot.seeds}: must be >= 1')
+  if config.backbone.workdir and not config.backbone.stage:
+    raise ValueError('backbone.workdir is set but backbone.stage is empty')
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+  """A task's train and val faces with model-ready targets."""
+  name: str
+  spec: TaskSpec
+  dir: str
+  columns: tuple[str, ...]
+  train: Examples
+  val: Examples
+  y_train: np.ndarray  # int class (classification), [N, K] 0/1 (multilabel), float (regression)
+  y_val: np.ndarray
+
+  @property
+  def out_dim(self) -> int:
+    if self.spec.kind == 'classification':
+      return self.spec.num_classes
+    return len(self.columns) if self.spec.kind == 'multilabel' else 1
+
+
+def task_dir(config, name: str) -> str:
+  return os.path.join(config.data.root, config.data.dirs.get(name, TASKS[name].data))
+
+
+def attribute_columns(examples: Examples) -> tuple[str, ...]:
+  """Label columns holding only +1 / -1 (CelebA's attribute convention), in csv order."""
+  return tuple(k for k, v in examples.labels.items()
+               if k not in NOT_ATTRIBUTES and v.dtype != object and len(v)
+               and np.isin(v, (-1, 1)).all())
+
+
+def _targets(spec: TaskSpec, examples: Examples, columns, where: str) -> np.ndarray:
+  values = np.stack([examples.labels[c] for c in columns], axis=1).astype(np.float64)
+  if spec.kind == 'regression':
+    return values[:, 0].astype(np.float32)
+  if spec.kind == 'multilabel':
+    return (values > 0).astype(np.float32)  # +1/-1 -> 1/0
+  labels = values[:, 0]
+  bad = (labels != np.round(labels)) | (labels < 0) | (labels >= spec.num_classes)
+  if bad.any():
+    raise DataError(f'{where}: column {columns[0]!r} needs classes 0..{spec.num_classes - 1}, '
+                    f'got {labels[bad][:3].tolist()}')
+  return labels.astype(np.int32)
+
+
+def _subset(examples: Examples, limit: int, seed: int) -> Examples:
+  """A fixed random subset of ``limit`` rows, kept in file order (0 = all)."""
+  if not limit or limit >= len(examples):
+    return examples
+  return examples.select(np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit]))
+
+
+def load_task(config, name: str) -> TaskData:
+  spec, d = TASKS[name], config.data
+  root = task_dir(config, name)
+  where = os.path.join(root, 'labels.csv')
+  train = read_folder(root, d.train_split, label_columns=spec.columns)
+  columns = spec.columns or attribute_columns(train)
+  if not columns:
+    raise DataError(f'{where}: task {name!r} found no +1/-1 attribute columns')
+  val = read_folder(root, d.eval_split, label_columns=columns)
+  train, val = _subset(train, d.max_train, config.seed), _subset(val, d.max_val, config.seed)
+  data = TaskData(name, spec, root, columns, train, val, _targets(spec, train, columns, where),
+                  _targets(spec, val, columns, where))
+  logging.info('%s: %s, %d train / %d val faces, %d label column(s) (%s)', name, root,
+               len(train), len(val), len(columns), spec.kind)
+  return data
+
+
+def cache_pp(config) -> str:
+  return f'decode|resize({config.backbone.image_size})'
+
+
+def train_pp(config) -> str:
+  return config.data.train_pp.replace('{size}', str(config.backbone.image_size))
+
+
+# ----------------------------------------------------------------------------- backbone
+
+def make_backbone(config) -> mae.MAE:
+  return fbp_kd.make_model(config.backbone.model, config.backbone.image_size)
+
+
+def select_mae_params(params) -> tuple[dict, str]:
+  """The MAE params of a stage's params and their layout ('mae', 'student' or 'plain')."""
+  for key in ('mae', 'student'):  # face-prior pretraining / fbp_kd student_kd
+    if key in params:
+      return params[key], key
+  return params, 'plain'
+
+
+def _is_encoder(path: str) -> bool:
+  return path.startswith(('embed/', 'encoder/'))
+
+
+def encoder_mismatches(model_params, pretrained) -> list[str]:
+  """Stem and encoder weights that are missing, extra or differently shaped."""
+  want, have = ({k: v.shape for k, v in traverse_util.flatten_dict(p, sep='/').items()
+                 if _is_encoder(k)} for p in (model_params, pretrained))
+  out = [f'{k}: model {s}, checkpoint {have.get(k, "missing")}'
+         for k, s in want.items() if have.get(k) != s]
+  return out + [f'{k}: checkpoint {s}, not in the model' for k, s in have.items() if k not in want]
+
+
+def load_backbone(config, mesh) -> tuple[mae.MAE, dict, dict]:
+  """(model, MAE params, report); a model that does not fit the checkpoint is an error."""
+  b = config.backbone
+  model = make_backbone(config)
+  params = fbp_kd.init_params(model, jax.random.key(config.seed), b.image_size)  # eager: cached ops
+  report = {'workdir': b.workdir, 'stage': b.stage if b.workdir else '',
+            'model': b.model.to_dict(), 'image_size': b.image_size, 'feature_dim': model.width,
+            'encoder_params': loop.count_params(
+                {k: v for k, v in params.items() if k in ('embed', 'encoder')})}
+  if not b.workdir:
+    logging.info('backbone: no backbone.workdir, a randomly initialised %s (scratch baseline)',
+                 b.model.variant)
+    return model, mesh_lib.put_replicated(params, mesh), {**report, 'layout': 'scratch',
+                                                          'step': 0}
+  directory = os.path.join(b.workdir, b.stage, 'ckpt')
+  if not loop.is_done(b.workdir, b.stage):
+    logging.warning('backbone: stage %s of %s is not finished; using its newest checkpoint',
+                    b.stage, b.workdir)
+  step, state = checkpoint.load_raw(directory, mesh_lib.replicated(mesh), 'backbone')
+  if not isinstance(state, dict) or 'params' not in state:
+    raise checkpoint.CheckpointError(f'backbone: {directory} holds no train state with params')
+  pretrained, layout = select_mae_params(state['params'])
+  bad = encoder_mismatches(params, pretrained)
+  if bad:
+    raise checkpoint.CheckpointError(
+        f'backbone: backbone.model ({b.model.to_dict()}, image_size {b.image_size}) does not '
+        f'match the {layout!r} params of {directory}: {len(bad)} stem/encoder weight(s) differ, '
+        f'e.g. ' + '; '.join(bad[:8]) + '. Set --config.backbone.model.* like the stage\'s '
+        'model config.')
+  params, fresh = state_lib.merge_pretrained(params, pretrained)
+  logging.info('backbone: %s params of %s step %d; %d non-encoder weight(s) left at init',
+               layout, directory, step, len(fresh))
+  params = mesh_lib.put_replicated(params, mesh)
+  return model, params, {**report, 'layout': layout, 'step': int(step)}
+
+
+# ----------------------------------------------------------------------------- features
+
+def predict(forward, params, examples: Examples, config, mesh) -> np.ndarray:
+  """``forward(params, images)`` of every example exactly once, in order."""
+  return evaluation.predict_all(forward, params, examples.paths, mesh,
+                                batch_size=config.eval_batch_size, pp=config.data.eval_pp,
+                                cache_pp=cache_pp(config))
+
+
+def feature_fn(model: mae.MAE, mesh):
+  """Jitted (params, images) -> mean-pooled final encoder tokens, unmasked."""
+  return jax.jit(lambda p, x: model.apply({'params': p}, x)['pooled'],
+                 out_shardings=mesh_lib.replicated(mesh))
+
+
+def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+  """Zero mean, unit variance per feature, with the train statistics for every set."""
+  mu, sd = train.mean(0), train.std(0) + 1e-6
+  return [((x - mu) / sd).astype(np.float32) for x in (train, *others)]
+
+
+# ----------------------------------------------------------------------------- probes
+
+def ridge_fit(x, y, lam: float) -> tuple[np.ndarray, np.ndarray]:
+  """argmin_w,b mean((x w + b - y)^2) + lam |w|^2 in closed form; the bias is not penalised."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  xm, ym = x.mean(0), y.mean(0)
+  xc, yc = x - xm, y - ym
+  w = np.linalg.solve(xc.T @ xc + len(x) * lam * np.eye(x.shape[1]), xc.T @ yc)
+  return w, ym - xm @ w
+
+
+def ridge_loo_errors(x, y, lams) -> np.ndarray:
+  """Exact leave-one-out mean squared error of ``ridge_fit`` for each lambda (one SVD).
+
+  The penalty n * lam stays fixed when a row is left out; the LOO residual of
+  row i is r_i / (1 - h_ii), h the hat matrix including the unpenalised bias.
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64).reshape(len(x), -1)
+  n = len(x)
+  xc, yc = x - x.mean(0), y - y.mean(0)
+  u, sv, _ = np.linalg.svd(xc, full_matrices=False)
+  uty = u.T @ yc
+  errors = []
+  for lam in lams:
+    shrink = sv ** 2 / (sv ** 2 + n * lam)
+    residual = yc - u @ (shrink[:, None] * uty)
+    h = 1.0 / n + (u ** 2) @ shrink
+    with np.errstate(divide='ignore', invalid='ignore'):
+      err = np.mean((residual / (1 - h)[:, None]) ** 2)
+    errors.append(err if np.isfinite(err) and h.max() < 1 - 1e-9 else np.inf)
+  return np.asarray(errors)
+
+
+def ridge_select(x, y, lams) -> tuple[np.ndarray, np.ndarray, float]:
+  """``ridge_fit`` with the lambda of least leave-one-out error among ``lams``."""
+  lams = tuple(lams) if np.ndim(lams) else (lams,)
+  lam = float(lams[int(np.argmin(ridge_loo_errors(x, y, lams)))]) if len(lams) > 1 else lams[0]
+  return (*ridge_fit(x, y, lam), float(lam))
+
+
+def probe_loss(params, x, y, weights, kind: str, l2: float):
+  """Weighted mean cross-entropy (softmax or per-output sigmoid) + l2 / 2 |W|^2.
+
+  Multilabel: the per-output mean losses are summed, so every output is its own
+  logistic regression with the same penalty. Rows of weight 0 do not count at all.
+  """
+  logits = x @ params['w'] + params['b']
+  if kind == 'classification':
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  else:
+    ce = optax.sigmoid_binary_cross_entropy(logits, y).sum(-1)
+  return jnp.sum(weights * ce) / jnp.sum(weights) + 0.5 * l2 * jnp.sum(params['w'] ** 2)
+
+
+@functools.partial(jax.jit, static_argnames=('kind', 'num_outputs', 'max_steps'))
+def _logistic_fit(x, y, weights, l2, tol, *, kind, num_outputs, max_steps):
+  fn = lambda p: probe_loss(p, x, y, weights, kind, l2)
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(fn)
+
+  def body(carry):
+    p, s = carry
+    value, grad = value_and_grad(p, state=s)
+    updates, s = opt.update(grad, s, p, value=value, grad=grad, value_fn=fn)
+    return optax.apply_updates(p, updates), s
+
+  def cond(carry):
+    _, s = carry
+    step, grad = optax.tree.get(s, 'count'), optax.tree.get(s, 'grad')
+    return (step == 0) | ((step < max_steps) & (optax.tree.norm(grad) >= tol))
+
+  p = {'w': jnp.zeros((x.shape[1], num_outputs)), 'b': jnp.zeros(num_outputs)}
+  p, s = jax.lax.while_loop(cond, body, (p, opt.init(p)))
+  return p, optax.tree.get(s, 'count'), fn(p)
+
+
+def logistic_fit(x, y, kind: str, num_outputs: int, l2: float, max_steps: int = 500,
+                 tol: float = 1e-5, rows=None) -> tuple[np.ndarray, np.ndarray]:
+  """Full-batch L-BFGS fit of a multinomial (classification) or per-output logistic probe.
+
+  ``rows``: fit on these rows only. They are selected by zero weights, so every
+  subset of ``x`` shares one compiled fit.
+  """
+  weights = np.ones(len(x), np.float32)
+  if rows is not None:
+    weights = np.zeros(len(x), np.float32)
+    weights[rows] = 1.0
+  y = jnp.asarray(y, jnp.int32 if kind == 'classification' else jnp.float32)
+  p, steps, loss = _logistic_fit(jnp.asarray(x, jnp.float32), y, weights, l2, tol, kind=kind,
+                                 num_outputs=num_outputs, max_steps=max_steps)
+  logging.debug('logistic probe: %d L-BFGS steps, loss %.4f', int(steps), float(loss))
+  return np.asarray(p['w']), np.asarray(p['b'])
+
+
+def fit_probe(data: TaskData, x, cfg, rows=None) -> tuple[np.ndarray, np.ndarray, dict]:
+  """The task's linear probe on standardised train features ``x`` (``rows`` of them).
+
+  Returns (w, b, the chosen regularisation).
+  """
+  y = data.y_train
+  if data.spec.kind == 'regression':
+    if rows is not None:
+      x, y = x[rows], y[rows]
+    w, b, lam = ridge_select(x, y, cfg.ridge_lambda)
+    return w, b, {'ridge_lambda': lam}
+  w, b = logistic_fit(x, y, data.spec.kind, data.out_dim, cfg.l2, cfg.max_steps, cfg.tol, rows)
+  return w, b, {'l2': cfg.l2}
+
+
+def fewshot_indices(labels, seed: int, kind: str, per_class: int = 10,
+                    fraction: float = 0.02) -> np.ndarray:
+  """Sorted rows of ``labels`` (the train split) for one few-shot draw.
+
+  Classification: ``per_class`` rows of each class (all of a smaller class);
+  otherwise ``fraction`` of the rows (at least 2). A pure function of its arguments.
+  """
+  labels = np.asarray(labels)
+  rng = np.random.default_rng([seed, len(labels)])
+  if kind == 'classification':
+    picks = [rng.choice(rows, min(per_class, len(rows)), replace=False)
+             for rows in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.sort(np.concatenate(picks))
+  n = min(len(labels), max(2, int(round(fraction * len(labels)))))
+  return np.sort(rng.choice(len(labels), n, replace=False))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def decode(kind: str, outputs, stats=(0.0, 1.0)) -> np.ndarray:
+  """Head / probe outputs -> predictions: class, 0/1 per output, or de-standardised value."""
+  outputs = np.asarray(outputs, np.float64)
+  if kind == 'classification':
+    return outputs.argmax(-1)
+  if kind == 'multilabel':
+    return (outputs > 0).astype(np.float32)
+  mean, sd = stats
+  return outputs.reshape(len(outputs), -1)[:, 0] * sd + mean
+
+
+def score(spec: TaskSpec, pred, y) -> dict:
+  if spec.kind == 'classification':
+    return {'accuracy': metrics.accuracy(pred, y)}
+  if spec.kind == 'multilabel':
+    return {'mean_accuracy': float(np.mean(np.asarray(pred) == np.asarray(y)))}
+  report = metrics.regression_report(pred, y)
+  report.pop('n')
+  return report
+
+
+def target_stats(data: TaskData) -> tuple[float, float]:
+  """Train mean and sd: the head regresses standardised targets; (0, 1) for other kinds."""
+  if data.spec.kind != 'regression':
+    return 0.0, 1.0
+  return float(np.mean(data.y_train)), float(np.std(data.y_train) + 1e-6)
+
+
+def linear_probe(data: TaskData, x_train, x_val, cfg, rows=None) -> tuple[dict, dict]:
+  """Fits on the train features (``rows`` of them); (val scores, chosen regularisation)."""
+  w, b, reg = fit_probe(data, x_train, cfg, rows)
+  pred = decode(data.spec.kind, x_val @ w + b)
+  return score(data.spec, pred, data.y_val), reg
+
+
+def train_prior(data: TaskData) -> dict:
+  """The val score of always predicting the train majority / mean (a floor for the table)."""
+  y, n = data.y_train, len(data.val)
+  if data.spec.kind == 'classification':
+    pred = np.full(n, np.bincount(y).argmax())
+  elif data.spec.kind == 'multilabel':
+    pred = np.tile(y.mean(0) > 0.5, (n, 1)).astype(np.float32)
+  else:
+    pred = np.full(n, y.mean())  # constant: metrics.pearson gives PC 0
+  return score(data.spec, pred, data.y_val)
+
+
+def fewshot_probe(data: TaskData, x_train, x_val, cfg) -> dict:
+  """Mean, std and per-seed values of every metric over ``cfg.fewshot.seeds`` draws."""
+  f, runs, regs, sizes = cfg.fewshot, [], [], []
+  for seed in range(f.seeds):
+    rows = fewshot_indices(data.y_train, seed, data.spec.kind, f.per_class, f.fraction)
+    scores, reg = linear_probe(data, x_train, x_val, cfg.linear, rows)
+    runs.append(scores)
+    regs.append(reg)
+    sizes.append(len(rows))
+  out = {}
+  for k in runs[0]:
+    values = [r[k] for r in runs]
+    out.update({k: float(np.mean(values)), f'{k}_std': float(np.std(values)),
+                f'{k}_per_seed': values})
+  out.update({f'{k}_per_seed': [r[k] for r in regs] for k in regs[0]})
+  return {**out, 'n_train': int(np.mean(sizes)), 'seeds': f.seeds}
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def head_module(out_dim: int) -> nn.Dense:
+  return nn.Dense(out_dim, kernel_init=nn.initializers.zeros, name='head')
+
+
+def finetune_forward(model: mae.MAE, out_dim: int, params, images, train=False, rng=None):
+  rngs = {'dropout': rng} if rng is not None else {}
+  pooled = model.apply({'params': params['backbone']}, images, train=train, rngs=rngs)['pooled']
+  return head_module(out_dim).apply({'params': params['head']}, pooled)
+
+
+def task_loss(kind: str, loss: str, outputs, target) -> jax.Array:
+  if kind == 'classification':
+    return optax.softmax_cross_entropy_with_integer_labels(
+        outputs, target.astype(jnp.int32)).mean()
+  if kind == 'multilabel':
+    return optax.sigmoid_binary_cross_entropy(outputs, target).mean()
+  err = outputs[:, 0] - target
+  return jnp.mean(jnp.abs(err)) if loss == 'l1' else jnp.mean(err ** 2)
+
+
+def finetune_stage(name, model: mae.MAE, data: TaskData, pretrained, config,
+                   restore_only: bool = False) -> loop.Stage:
+  """Backbone + head with the task loss, layer-wise lr decay as in fbp_kd fine-tuning."""
+  cfg, size = config.finetune, config.backbone.image_size
+  kind, out_dim = data.spec.kind, data.out_dim
+
+  def init_params_fn(rng):
+    # ``pretrained`` is a complete MAE tree (load_backbone): no second backbone init.
+    params = fbp_kd.init_params(model, rng, size) if pretrained is None else pretrained
+    head = head_module(out_dim).init(rng, jnp.zeros((1, model.width)))['params']
+    return {'backbone': params, 'head': head}
+
+  def layer(path):  # the head trains at the top rate, like fbp_kd's score head
+    if path.startswith('backbone/'):
+      return fbp_kd.layer_id(path[len('backbone/'):], model.depth)
+    return model.depth + 1
+
+  template = jax.eval_shape(init_params_fn, jax.random.key(0))
+  tx, sched = optim.adamw(cfg, cfg.steps, template, layer, model.depth + 1)
+  init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx)
+
+  def loss_fn(params, batch, rng):
+    out = finetune_forward(model, out_dim, params, batch['image'], train=True, rng=rng)
+    return task_loss(kind, data.spec.loss, out, batch['target']), {}
+
+  batches = None
+  if not restore_only:
+    mean, sd = target_stats(data)
+    target = data.y_train if kind != 'regression' else (data.y_train - mean) / sd
+    batches = functools.partial(
+        pipeline.make_train_dataset, data.train.paths, {'target': target},
+        batch_size=cfg.batch_size, pp=train_pp(config), seed=config.seed + 1,
+        cache_pp=cache_pp(config), process_index=jax.process_index(),
+        process_count=jax.process_count())
+  return loop.Stage(name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
+                    update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+                    batches=batches, loss_fn=loss_fn)
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+class Job(stages_lib.StageStates):
+  """One backbone; per task its data, features and (lazily) its fine-tuning stage.
+
+  ``train=False`` never trains: fine-tuning stages are only restored (``--mode=eval``).
+  """
+
+  def __init__(self, config, workdir: str, train: bool = True):
+    check_config(config)
+    self.tasks = parse_names(config.tasks, list(TASKS), 'tasks')
+    self.protocols = parse_names(config.protocols, PROTOCOLS, 'protocols')
+    self.known_stages = tuple(stage_name(t) for t in TASKS)
+    self.config = config.copy_and_resolve_references()
+    with self.config.unlocked():  # StageStates runs the listed stages, restores the others
+      self.config.stages = ','.join(stage_name(t) for t in self.tasks) if train else ''
+    self.workdir = workdir
+    self.mesh = mesh_lib.make_mesh()
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    self.model, self.params, self.backbone = load_backbone(self.config, self.mesh)
+    self.features = feature_fn(self.model, self.mesh)
+    self._data = {}
+
+  def data(self, task: str) -> TaskData:
+    if task not in self._data:
+      self._data[task] = load_task(self.config, task)
+    return self._data[task]
+
+  def stage(self, name, restore_only: bool = False) -> loop.Stage:
+    task = name[len('finetune_'):]
+    if name not in self.known_stages:
+      raise KeyError(name)
+    return finetune_stage(name, self.model, self.data(task),
+                          None if restore_only else self.params, self.config, restore_only)
+
+  def finished(self, name: str) -> bool:
+    d = os.path.dirname(stages_lib.stage_dir(self.workdir, self.config.reuse_from, name))
+    return loop.is_done(d, name)
+
+  def run_task(self, task: str, seconds: dict) -> dict:
+    """Every requested protocol on one task; the fine-tuning stage runs or is restored."""
+    data, c = self.data(task), self.config
+    sizes = {'n_train': len(data.train), 'n_val': len(data.val)}
+    out = {'train_prior': {**train_prior(data), **sizes}}
+    if {'linear', 'fewshot'} & set(self.protocols):
+      t = time.perf_counter()
+      x_train, x_val = standardize(predict(self.features, self.params, data.train, c, self.mesh),
+                                   predict(self.features, self.params, data.val, c, self.mesh))
+      seconds[f'{task}/features'] = time.perf_counter() - t
+      if 'linear' in self.protocols:
+        t = time.perf_counter()
+        scores, reg = linear_probe(data, x_train, x_val, c.linear)
+        out['linear'] = {**scores, **reg, **sizes}
+        seconds[f'{task}/linear'] = time.perf_counter() - t
+      if 'fewshot' in self.protocols:
+        t = time.perf_counter()
+        out['fewshot'] = {**fewshot_probe(data, x_train, x_val, c), 'n_val': len(data.val)}
+        seconds[f'{task}/fewshot'] = time.perf_counter() - t
+    name = stage_name(task)
+    if 'finetune' in self.protocols and (c.stages or self.finished(name)):
+      out['finetune'] = {**self.score_finetuned(data), **sizes}
+      seconds[f'{task}/finetune'] = stages_lib.seconds(self.workdir, c.reuse_from, [name]).get(
+          name, float('nan'))
+    elif 'finetune' in self.protocols:
+      logging.warning('%s: stage %s is not finished; its fine-tuning is not scored', task, name)
+    return out
+
+  def score_finetuned(self, data: TaskData) -> dict:
+    params = self.state(stage_name(data.name))['params']
+    forward = jax.jit(functools.partial(finetune_forward, self.model, data.out_dim),
+                      out_shardings=mesh_lib.replicated(self.mesh))
+    outputs = predict(forward, params, data.val, self.config, self.mesh)
+    pred = decode(data.spec.kind, outputs, target_stats(data))
+    return score(data.spec, pred, data.y_val)
+
+
+def check_backbone(workdir: str, backbone: dict, seed: int, record: bool) -> None:
+  """One workdir, one backbone: its fine-tuned stages must not be mixed with another's."""
+  path = os.path.join(workdir, 'backbone.json')
+  key = json.loads(json.dumps({**{k: backbone[k] for k in (
+      'workdir', 'stage', 'step', 'layout', 'model', 'image_size')}, 'seed': seed}))
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != key:
+      raise ValueError(f'{workdir} holds the transfer results of another backbone ({old}); '
+                       f'this run\'s is {key}: use a new --workdir')
+  elif record:
+    stages_lib.write_json(path, key)
+
+
+def run(config, workdir: str, train: bool, filename: str) -> dict:
+  """All tasks x protocols; the results file is rewritten after every task."""
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  job = Job(config, workdir, train=train)
+  check_backbone(workdir, job.backbone, config.seed, record=train)
+  results, seconds = {}, {}
+  for task in job.tasks:
+    results[task] = job.run_task(task, seconds)
+    results.update(backbone=job.backbone,
+                   seconds={**seconds, 'total_this_run': time.perf_counter() - start})
+    stages_lib.write_json(os.path.join(workdir, filename), results)
+  table = results_table(results, job.tasks, job.protocols)
+  logging.info('transfer benchmark (%s):\n%s', describe_backbone(job.backbone), table)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, os.path.splitext(filename)[0] + '.md'), 'w') as f:
+      f.write(f'Backbone: {describe_backbone(job.backbone)}\n\n{table}\n')
+  _write_scalars(job.writer, results, job.tasks)
+  return results
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  return run(config, workdir, train=True, filename='results.json')
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Re-runs the probes and scores the finished fine-tuning stages -> ``W/eval.json``."""
+  return run(config, workdir, train=False, filename='eval.json')
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def describe_backbone(b: dict) -> str:
+  m = b['model']
+  model = f'{m["variant"]} ViT, {m["stem"]} stem, patch {m["patch"]}, {b["image_size"]} px'
+  if b['layout'] == 'scratch':
+    return f'{model}, random init (scratch)'
+  return f'{model}, {b["workdir"]}/{b["stage"]} step {b["step"]} ({b["layout"]} params)'
+
+
+def _cell(entry: dict | None, metric: str) -> str:
+  if not entry:
+    return '-'
+  if f'{metric}_std' in entry:
+    return f'{entry[metric]:.3f} ± {entry[metric + "_std"]:.3f}'
+  return f'{entry[metric]:.3f}'
+
+
+def results_table(results: dict, tasks, protocols) -> str:
+  """Markdown table: one row per task, the primary metric of each protocol."""
+  cols = ['train_prior', *protocols]
+  lines = ['| task | metric | ' + ' | '.join(cols) + ' | n train / val |',
+           '|---' * (len(cols) + 3) + '|']
+  for task in tasks:
+    spec, r = TASKS[task], results[task]
+    arrow = 'higher is better' if spec.higher_is_better else 'lower is better'
+    cells = [_cell(r.get(p), spec.metric) for p in cols]
+    n = r['train_prior']
+    lines.append(f'| {task} | {spec.metric} ({arrow}) | ' + ' | '.join(cells)
+                 + f' | {n["n_train"]} / {n["n_val"]} |')
+  return '\n'.join(lines)
+
+
+def _write_scalars(writer, results: dict, tasks) -> None:
+  scalars = {f'transfer/{t}/{p}_{TASKS[t].metric}': r[TASKS[t].metric]
+             for t in tasks for p, r in results[t].items() if TASKS[t].metric in r}
+  writer.write_scalars(0, scalars)
+  writer.flush()

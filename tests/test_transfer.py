@@ -1,0 +1,265 @@
+"""Transfer benchmark: probes, few-shot sampler, backbone loading, the whole job on tiny data."""
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from ml_collections import config_flags
+from PIL import Image
+
+from faceflax import app
+from faceflax.data import synthetic
+from faceflax.tasks import fbp_kd, transfer
+from faceflax.train import checkpoint, mesh as mesh_lib
+from tests import configs_for_tests
+from tests.conftest import REPO, shared_dataset
+
+NUM_TRAIN, NUM_VAL = 32, 16
+ATTRIBUTES = ('Smiling', 'Big_Eyes', 'Pale_Skin')
+
+
+def _write_dataset(root, header, label_fn, images, traits):
+  (root / 'images').mkdir(parents=True)
+  rows = []
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(root / 'images' / f'{i:03d}.png')
+    t = {k: v[i] for k, v in traits.items()}
+    rows.append((f'{i:03d}.png', *label_fn(i, t), 'train' if i < NUM_TRAIN else 'val'))
+  with open(root / 'labels.csv', 'w', newline='') as f:
+    csv.writer(f).writerows([('filename', *header, 'split'), *rows])
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  """The four downstream datasets in miniature, under their ../shared/data names."""
+  root = tmp_path_factory.mktemp('transfer_data')
+  images, traits = synthetic.make_faces(NUM_TRAIN + NUM_VAL, size=32, seed=0)
+  pm = lambda x: 1 if x > 0 else -1
+  _write_dataset(root / 'fer2013', ('label',), lambda i, t: (i % 7,), images, traits)
+  _write_dataset(root / 'celeba_id', ('identity', 'id_noisy', *ATTRIBUTES),
+                 lambda i, t: (i // 4, 0, pm(t['smile']), pm(t['eye_size']), pm(t['skin_tone'])),
+                 images, traits)
+  _write_dataset(root / 'utkface', ('age', 'gender'),
+                 lambda i, t: (int(40 + 15 * t['eye_height']), i % 2), images, traits)
+  _write_dataset(root / 'scut_fbp5500', ('score',), lambda i, t: (f'{t["score"]:.3f}',),
+                 images, traits)
+  return root
+
+
+def _config(data_root, **overrides):
+  config = configs_for_tests.load('transfer', 'test')
+  config.data.root = str(data_root)
+  config.update(overrides)
+  return config
+
+
+# ----------------------------------------------------------------------------- probes
+
+def test_ridge_matches_lstsq():
+  rng = np.random.default_rng(0)
+  x = rng.normal(3.0, 2.0, (60, 5))  # uncentred: the bias must stay unpenalised
+  y = x @ rng.normal(size=(5, 2)) + rng.normal(size=(60, 2)) + 4.0
+  for lam in (0.0, 0.3):
+    w, b = transfer.ridge_fit(x, y, lam)
+    # mean((x w + b - y)^2) + lam |w|^2 == |[x 1; sqrt(n lam) I 0] [w; b] - [y; 0]|^2 / n
+    a = np.block([[x, np.ones((60, 1))], [np.sqrt(60 * lam) * np.eye(5), np.zeros((5, 1))]])
+    ref = np.linalg.lstsq(a, np.concatenate([y, np.zeros((5, 2))]), rcond=None)[0]
+    np.testing.assert_allclose(w, ref[:5], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b, ref[5], rtol=1e-6, atol=1e-8)
+
+
+def test_ridge_leave_one_out_is_exact():
+  rng = np.random.default_rng(2)
+  x, y = rng.normal(size=(25, 4)), rng.normal(size=25)
+  lams = (1e-3, 0.1, 10.0)
+  brute = []
+  for lam in lams:  # refit without row i, same total penalty n * lam
+    errs = []
+    for i in range(25):
+      keep = np.arange(25) != i
+      w, b = transfer.ridge_fit(x[keep], y[keep], lam * 25 / 24)
+      errs.append((x[i] @ w + b - y[i]) ** 2)
+    brute.append(np.mean(errs))
+  np.testing.assert_allclose(transfer.ridge_loo_errors(x, y, lams), brute, rtol=1e-8)
+  # More features than rows: no penalty interpolates, so its LOO error is infinite.
+  x = rng.normal(size=(6, 10))
+  errors = transfer.ridge_loo_errors(x, rng.normal(size=6), (0.0, 1.0))
+  assert errors[0] == np.inf and np.isfinite(errors[1])
+  assert transfer.ridge_select(x, rng.normal(size=6), (0.0, 1.0))[2] == 1.0
+
+
+def test_logistic_probe_fits_separable_features():
+  rng = np.random.default_rng(1)
+  centers = rng.normal(0, 4, (4, 8))
+  labels = rng.integers(0, 4, 400)
+  x = (centers[labels] + rng.normal(0, 0.5, (400, 8))).astype(np.float32)
+  w, b = transfer.logistic_fit(x[:300], labels[:300], 'classification', 4, l2=1e-4)
+  assert np.mean((x[300:] @ w + b).argmax(1) == labels[300:]) >= 0.99
+  # A subset by zero weights is the same fit as the subset itself.
+  rows = np.arange(0, 300, 3)
+  sub = transfer.logistic_fit(x[rows], labels[rows], 'classification', 4, l2=1e-2)
+  by_rows = transfer.logistic_fit(x[:300], labels[:300], 'classification', 4, l2=1e-2, rows=rows)
+  for got, want in zip(by_rows, sub):
+    np.testing.assert_allclose(got, want, atol=2e-3)
+  # Multilabel: one independent logistic regression per output.
+  x = rng.normal(size=(400, 6)).astype(np.float32)
+  x[:, :3] += np.sign(x[:, :3])  # a margin around 0 on the labelled coordinates
+  y = (x[:, :3] > 0).astype(np.float32)
+  w, b = transfer.logistic_fit(x[:300], y[:300], 'multilabel', 3, l2=1e-4)
+  assert np.mean(((x[300:] @ w + b) > 0) == y[300:]) >= 0.99
+  assert np.all(np.isfinite(w))
+
+
+def test_fewshot_sampler_is_deterministic_and_balanced():
+  labels = np.array([0] * 30 + [1] * 3 + [2] * 20 + [3] * 12)
+  draw = lambda seed: transfer.fewshot_indices(labels, seed, 'classification', per_class=5)
+  a = draw(0)
+  np.testing.assert_array_equal(a, draw(0))
+  assert not np.array_equal(a, draw(1))
+  assert np.bincount(labels[a]).tolist() == [5, 3, 5, 5]  # all of the 3-face class
+  assert len(set(a.tolist())) == len(a) and a.min() >= 0 and a.max() < len(labels)
+  rows = transfer.fewshot_indices(np.arange(500.0), 2, 'regression', fraction=0.02)
+  assert len(rows) == 10 and rows.max() < 500
+  np.testing.assert_array_equal(rows, transfer.fewshot_indices(np.arange(500.0), 2, 'regression',
+                                                               fraction=0.02))
+  assert len(transfer.fewshot_indices(np.zeros((40, 3)), 0, 'multilabel', fraction=0.02)) == 2
+
+
+def test_fewshot_draws_only_train_faces(data_root):
+  config = _config(data_root)
+  for task in ('expression', 'attributes'):
+    data = transfer.load_task(config, task)
+    rows = transfer.fewshot_indices(data.y_train, 0, data.spec.kind, 3, 0.25)
+    picked = {data.train.paths[i] for i in rows}
+    assert picked and not picked & set(data.val.paths)
+  assert data.columns == ATTRIBUTES  # identity, id_noisy and split are not attributes
+  assert data.y_train.shape == (NUM_TRAIN, 3) and set(np.unique(data.y_train)) == {0.0, 1.0}
+
+
+# ----------------------------------------------------------------------------- backbone
+
+def _save_state(directory, params):
+  state = {'params': params, 'opt_state': {'mu': jax.tree.map(jnp.zeros_like, params)},
+           'step': jnp.array(3, jnp.int32)}
+  mngr = checkpoint.manager(str(directory), save_every=1, keep=1)
+  mngr.save(3, args=ocp.args.StandardSave(state), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+@pytest.mark.parametrize('layout', ['mae', 'student', 'plain'])
+def test_backbone_params_are_found_in_each_layout(tmp_path, layout):
+  config = configs_for_tests.load('transfer', 'test')
+  model = transfer.make_backbone(config)
+  saved = fbp_kd.init_params(model, jax.random.key(7), config.backbone.image_size)
+  wrapped = {'mae': {'mae': saved, 'prior': {'w': jnp.ones(3)}},
+             'student': {'student': saved, 'projector': {'w': jnp.ones(2)}},
+             'plain': saved}[layout]
+  _save_state(tmp_path / 'pretrain' / 'ckpt', wrapped)
+  config.backbone.workdir = str(tmp_path)
+  _, params, report = transfer.load_backbone(config, mesh_lib.make_mesh())
+  assert report['layout'] == layout and report['step'] == 3
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_mismatched_backbone_model_is_an_error(tmp_path):
+  config = configs_for_tests.load('transfer', 'test')
+  other = fbp_kd.make_model(config.backbone.model, 32).clone(width=16)
+  _save_state(tmp_path / 'pretrain' / 'ckpt',
+              fbp_kd.init_params(other, jax.random.key(0), 32))
+  config.backbone.workdir = str(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"(?s)'plain' params.*embed/.*kernel: model \(8, 8, 3, 32\), "
+                           r"checkpoint \(8, 8, 3, 16\).*encoder/block0"):
+    transfer.load_backbone(config, mesh_lib.make_mesh())
+  config.backbone.stage = 'nowhere'
+  with pytest.raises(checkpoint.CheckpointError, match='nowhere'):
+    transfer.load_backbone(config, mesh_lib.make_mesh())
+
+
+@pytest.mark.filterwarnings('ignore:the load_module')  # ml_collections' config loader
+def test_docstring_overrides_build_the_fbp_teacher():
+  argv = ['main.py', f'--config={REPO}/configs/transfer.py', '--config.backbone.workdir=/w',
+          '--config.backbone.stage=teacher_pretrain', '--config.backbone.model.variant=small',
+          '--config.backbone.model.stem=multiscale', '--config.backbone.model.patch=16',
+          '--config.backbone.model.stem_stride=4', '--config.data.dirs.age=/elsewhere/utk']
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
+  teacher = fbp_kd.make_model(configs_for_tests.load('fbp_kd', 'scut').teacher.model, 64)
+  model = transfer.make_backbone(config)
+  for field in ('width', 'depth', 'num_heads', 'stem', 'patch', 'stem_channels', 'stem_kernels',
+                'stem_stride', 'image_size'):
+    assert getattr(model, field) == getattr(teacher, field), field
+  assert transfer.task_dir(config, 'age') == '/elsewhere/utk'
+  assert transfer.task_dir(config, 'beauty') == '../shared/data/scut_fbp5500'
+  config = configs_for_tests.load('transfer', 'test')
+  config.tasks = 'age,gaze'
+  with pytest.raises(ValueError, match=r"tasks='age,gaze': unknown or no names \['gaze'\]"):
+    transfer.check_config(config)
+
+
+# ----------------------------------------------------------------------------- the job
+
+def test_end_to_end_then_eval_mode(data_root, tmp_path):
+  config = _config(data_root)
+  results = app.run(config, str(tmp_path))
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  for task, spec in transfer.TASKS.items():
+    for protocol in ('train_prior', *transfer.PROTOCOLS):
+      entry = saved[task][protocol]
+      assert np.isfinite(entry[spec.metric]), (task, protocol)
+      assert entry['n_val'] == NUM_VAL
+    assert saved[task]['linear']['n_train'] == saved[task]['finetune']['n_train'] == NUM_TRAIN
+    assert len(saved[task]['fewshot'][f'{spec.metric}_per_seed']) == 2
+    assert (tmp_path / f'finetune_{task}' / 'done.json').exists()
+  assert saved['expression']['fewshot']['n_train'] == 14  # 2 per class, 7 classes
+  assert saved['age']['fewshot']['n_train'] == 8          # 25% of 32
+  assert 0 <= saved['attributes']['linear']['mean_accuracy'] <= 1
+  assert {'pc', 'mae', 'rmse'} <= set(saved['beauty']['linear'])
+  assert saved['backbone']['layout'] == 'scratch' and saved['backbone']['feature_dim'] == 32
+  assert saved['seconds']['age/finetune'] > 0
+  assert '| expression | accuracy (higher is better) |' in (tmp_path / 'results.md').read_text()
+  assert results['beauty']['finetune'] == saved['beauty']['finetune']
+  # --mode=eval re-runs the probes and scores the finished stages without training.
+  again = app.run(config, str(tmp_path), mode='eval')
+  assert json.loads((tmp_path / 'eval.json').read_text())['age'] == again['age']
+  for task in transfer.TASKS:
+    for protocol in ('linear', 'finetune'):
+      for k, v in saved[task][protocol].items():
+        np.testing.assert_allclose(again[task][protocol][k], v, rtol=1e-4, atol=1e-6)
+  # Another backbone (here: another random init) must not reuse these fine-tuned stages.
+  config.seed = 1
+  with pytest.raises(ValueError, match='another backbone'):
+    app.run(config, str(tmp_path))
+
+
+def test_unfinished_finetuning_is_not_scored_in_eval_mode(data_root, tmp_path):
+  config = _config(data_root, tasks='beauty', protocols='finetune')
+  results = app.run(config, str(tmp_path), mode='eval')
+  assert set(results['beauty']) == {'train_prior'}
+  assert not (tmp_path / 'finetune_beauty').exists()
+
+
+# ----------------------------------------------------------------------------- real data
+
+def test_real_tasks_read_from_shared_data():
+  config = configs_for_tests.load('transfer')
+  shared_dataset('celeba_id')
+  config.data.root = str(REPO / config.data.root)
+  attributes = transfer.load_task(config, 'attributes')
+  assert len(attributes.columns) == 40 and 'Smiling' in attributes.columns
+  assert attributes.y_train.shape == (len(attributes.train), 40)
+  assert not set(attributes.train.labels['identity']) & set(attributes.val.labels['identity'])
+  for task in ('expression', 'age', 'beauty'):
+    shared_dataset(transfer.TASKS[task].data)
+    data = transfer.load_task(config, task)
+    assert len(data.train) > len(data.val) > 100
+  assert set(np.unique(transfer.load_task(config, 'expression').y_val)) == set(range(7))
