@@ -9,7 +9,8 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
             component  one facial component per face (``face_regions.COMPONENTS``) is
                        masked whole, random patches fill up the mask ratio; the decoder
                        predicts the component's representation: its mean token in the
-                       encoder's view of the unmasked face (stop-gradient), by cosine.
+                       encoder's view of the unmasked face minus the face's mean token
+                       (stop-gradient), by cosine.
                        With this task off the masking is plain random (MAE).
   evaluate  the enabled terms and the patch-region accuracy on held-out val faces
             -> ``<workdir>/results.json``
@@ -109,8 +110,11 @@ def prior_terms(model: mae.MAE, heads: PriorHeads, cfg, params, batch, rng, trai
     aux['region_accuracy'] = jnp.mean(region_logits.argmax(-1) == visible.argmax(-1))
   if cfg.component_weight:
     tokens, _ = model.apply({'params': params['mae']}, images, method=model.tokens)
-    terms['component'] = losses.pooled_feature_cosine(
-        component_pred, jax.lax.stop_gradient(tokens), member * out['mask'])
+    # Centred per face: the raw tokens share one dominant direction (cosine ~0.95
+    # for any pooled set), so the target is the component relative to the whole face.
+    target = jax.lax.stop_gradient(tokens - tokens.mean(axis=1, keepdims=True))
+    terms['component'] = losses.pooled_feature_cosine(component_pred, target,
+                                                      member * out['mask'])
     aux['component_tokens'] = jnp.mean(member.sum(-1))
   total = sum(cfg[f'{t}_weight'] * v for t, v in terms.items())
   return total, {**terms, **aux}
