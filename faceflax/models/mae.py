@@ -7,9 +7,14 @@ Methods:
     head; returns logits over score bins, the score and the per-layer tokens.
   * ``pretrain(images)``: random masking, encoder on visible tokens, a light
     decoder that predicts every patch's pixels (MAE, He et al. 2022).
+
+``dtype`` is the compute dtype of the convolutions, matmuls and attention
+(parameters stay fp32); LayerNorm, the attention softmax, the residual stream
+and the score head stay fp32. ``param_axes`` gives the logical axes of the MLP
+kernels for splitting them over a 'model' mesh axis.
 """
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import einops
 import flax.linen as nn
@@ -56,28 +61,44 @@ def random_masking(rng: jax.Array, batch: int, tokens: int, mask_ratio: float,
   return keep_idx, mask
 
 
+def _axes(init, names, annotate: bool):
+  """``init`` tagged with logical axis names (boxed params) when ``annotate``."""
+  return nn.with_logical_partitioning(init, names) if annotate else init
+
+
 class MlpBlock(nn.Module):
+  """Megatron-style: the hidden ('mlp') axis is the one a 'model' mesh axis splits."""
   mlp_dim: int
+  dtype: Any = jnp.float32
+  annotate: bool = False  # logical axes on the params (for param_axes only)
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=nn.initializers.xavier_uniform())(x))
-    return nn.Dense(d, kernel_init=nn.initializers.xavier_uniform())(x)
+    xavier, zeros = nn.initializers.xavier_uniform(), nn.initializers.zeros
+    x = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype,
+                         kernel_init=_axes(xavier, ('embed', 'mlp'), self.annotate),
+                         bias_init=_axes(zeros, ('mlp',), self.annotate))(x))
+    return nn.Dense(d, dtype=self.dtype,
+                    kernel_init=_axes(xavier, ('mlp', 'embed'), self.annotate))(x)
 
 
 class EncoderBlock(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dropout: float = 0.0
+  dtype: Any = jnp.float32
+  annotate: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = nn.LayerNorm()(x)
+    y = nn.LayerNorm(dtype=jnp.float32)(x)
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform())(y, y)
+        num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
+        dtype=self.dtype, force_fp32_for_softmax=True)(y, y)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = MlpBlock(self.mlp_ratio * x.shape[-1])(nn.LayerNorm()(x))
+    y = MlpBlock(self.mlp_ratio * x.shape[-1], self.dtype,
+                 self.annotate)(nn.LayerNorm(dtype=jnp.float32)(x))
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -87,24 +108,30 @@ class Transformer(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dropout: float = 0.0
+  dtype: Any = jnp.float32
+  annotate: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     hidden = []
+    x = x.astype(jnp.float32)  # the residual stream stays fp32
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_ratio, self.dropout, name=f'block{i}')(x, train)
+      x = EncoderBlock(self.num_heads, self.mlp_ratio, self.dropout, self.dtype, self.annotate,
+                       name=f'block{i}')(x, train)
       hidden.append(x)
-    return nn.LayerNorm(name='norm')(x), hidden
+    return nn.LayerNorm(dtype=jnp.float32, name='norm')(x), hidden
 
 
 class PatchStem(nn.Module):
   """Plain ViT patchify: one strided convolution."""
   width: int
   patch: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
-    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding='VALID')(images)
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding='VALID',
+                dtype=self.dtype)(images)
     return einops.rearrange(x, 'b h w c -> b (h w) c')
 
 
@@ -119,17 +146,18 @@ class MultiScaleStem(nn.Module):
   channels: int = 24
   kernels: Sequence[int] = (3, 5, 7)
   stride: int = 2  # space-to-depth before the branches: 4x cheaper, receptive fields x2
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
     if self.patch % self.stride:
       raise ValueError(f'patch={self.patch} must be divisible by stem stride={self.stride}')
     x = einops.rearrange(images, 'b (h p) (w q) c -> b h w (p q c)', p=self.stride, q=self.stride)
-    branches = [nn.gelu(nn.Conv(self.channels, (k, k), name=f'branch{k}')(x))
+    branches = [nn.gelu(nn.Conv(self.channels, (k, k), dtype=self.dtype, name=f'branch{k}')(x))
                 for k in self.kernels]
     x = jnp.concatenate(branches, axis=-1)
-    x = nn.gelu(nn.Conv(2 * self.channels, (1, 1), name='fuse')(x))
-    return PatchStem(self.width, self.patch // self.stride, name='patchify')(x)
+    x = nn.gelu(nn.Conv(2 * self.channels, (1, 1), dtype=self.dtype, name='fuse')(x))
+    return PatchStem(self.width, self.patch // self.stride, self.dtype, name='patchify')(x)
 
 
 class MAE(nn.Module):
@@ -151,6 +179,8 @@ class MAE(nn.Module):
   num_bins: int = 9                 # score head: logits over score bins
   score_range: Sequence[float] = (1.0, 5.0)
   dropout: float = 0.0
+  dtype: Any = jnp.float32          # compute dtype (config.train.precision)
+  annotate: bool = False            # boxed params with logical axes (see param_axes)
 
   @property
   def grid(self) -> int:
@@ -161,19 +191,21 @@ class MAE(nn.Module):
       raise ValueError(f'image_size={self.image_size} is not divisible by patch={self.patch}')
     if self.stem == 'multiscale':
       self.embed = MultiScaleStem(self.width, self.patch, self.stem_channels, self.stem_kernels,
-                                  self.stem_stride)
+                                  self.stem_stride, self.dtype)
     elif self.stem == 'patch':
-      self.embed = PatchStem(self.width, self.patch)
+      self.embed = PatchStem(self.width, self.patch, self.dtype)
     else:
       raise ValueError(f"model.stem={self.stem!r}: expected 'patch' or 'multiscale'")
     self.pos_embed = sincos_pos_embed(self.grid, self.width)[None]
-    self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.dropout)
+    self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.dropout,
+                               self.dtype, self.annotate)
     self.head = heads.BinnedScoreHead(self.num_bins, tuple(self.score_range))
-    self.decoder_embed = nn.Dense(self.decoder_width)
+    self.decoder_embed = nn.Dense(self.decoder_width, dtype=self.dtype)
     self.mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.decoder_width))
     self.decoder_pos_embed = sincos_pos_embed(self.grid, self.decoder_width)[None]
-    self.decoder = Transformer(self.decoder_depth, self.decoder_heads, self.mlp_ratio)
-    self.decoder_pred = nn.Dense(self.patch * self.patch * 3)
+    self.decoder = Transformer(self.decoder_depth, self.decoder_heads, self.mlp_ratio,
+                               dtype=self.dtype, annotate=self.annotate)
+    self.decoder_pred = nn.Dense(self.patch * self.patch * 3, dtype=self.dtype)
 
   def tokens(self, images, train: bool = False):
     """Encoder tokens of the unmasked image: (final [B,N,D], per-block list)."""
@@ -215,6 +247,15 @@ class MAE(nn.Module):
   def init_all(self, images):
     """Touches every submodule so one init creates all parameters."""
     return self(images), self.pretrain(images)
+
+
+def param_axes(model: MAE, image_size: int):
+  """Logical axes of every parameter (PartitionSpecs of names; P() = none), params' tree."""
+  annotated = model.clone(annotate=True)
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  rngs = {'params': jax.random.key(0), 'mask': jax.random.key(1)}
+  boxed = jax.eval_shape(lambda: annotated.init(rngs, x, method=MAE.init_all))
+  return nn.get_partition_spec(boxed)['params']
 
 
 # Named presets (big_vision style): the config names one, then may override fields.

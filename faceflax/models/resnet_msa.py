@@ -15,7 +15,7 @@ globally pooled features:
 """
 import functools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ NUM_RACES = 5
 
 
 def _batch_norm(train: bool, **kwargs):
+  # Statistics are reduced in fp32 whatever the compute dtype (flax's default).
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, **kwargs)
 
 
@@ -38,17 +39,20 @@ class BasicBlock(nn.Module):
   """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
   features: int
   strides: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = nn.Conv(self.features, (3, 3), self.strides, padding=1, use_bias=False, name='conv1')(x)
-    y = nn.relu(_batch_norm(train, name='bn1')(y))
-    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name='conv2')(y)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(_batch_norm, train, dtype=self.dtype)
+    y = conv(self.features, (3, 3), self.strides, padding=1, name='conv1')(x)
+    y = nn.relu(norm(name='bn1')(y))
+    y = conv(self.features, (3, 3), padding=1, name='conv2')(y)
     # Zero-initialised last scale: every block starts as the identity (Goyal et al. 2017).
-    y = _batch_norm(train, scale_init=nn.initializers.zeros, name='bn2')(y)
+    y = norm(scale_init=nn.initializers.zeros, name='bn2')(y)
     if x.shape != y.shape:
-      x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False, name='proj')(x)
-      x = _batch_norm(train, name='proj_bn')(x)
+      x = conv(self.features, (1, 1), self.strides, name='proj')(x)
+      x = norm(name='proj_bn')(x)
     return nn.relu(x + y)
 
 
@@ -75,21 +79,22 @@ class MultiScaleAttention(nn.Module):
   rates: Sequence[int] = (1, 2, 5)
   reduction: int = 4  # Channels inside the module = input channels // reduction.
   min_channels: int = 16
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if not self.rates:
       raise ValueError('MultiScaleAttention needs at least one dilation rate')
     channels = max(x.shape[-1] // self.reduction, self.min_channels)
-    y = nn.Conv(channels, (1, 1), use_bias=False, name='reduce')(x)
-    y = nn.relu(_batch_norm(train, name='reduce_bn')(y))
+    y = nn.Conv(channels, (1, 1), use_bias=False, dtype=self.dtype, name='reduce')(x)
+    y = nn.relu(_batch_norm(train, dtype=self.dtype, name='reduce_bn')(y))
     steps = []
     for i, rate in enumerate(self.rates):
       y = nn.Conv(channels, (3, 3), padding=rate, kernel_dilation=rate, use_bias=False,
-                  name=f'dilated{i}')(y)
-      y = nn.relu(_batch_norm(train, name=f'dilated{i}_bn')(y))
+                  dtype=self.dtype, name=f'dilated{i}')(y)
+      y = nn.relu(_batch_norm(train, dtype=self.dtype, name=f'dilated{i}_bn')(y))
       steps.append(y)
-    logits = nn.Conv(1, (1, 1), kernel_init=nn.initializers.zeros, name='fuse')(
+    logits = nn.Conv(1, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype, name='fuse')(
         jnp.concatenate(steps, axis=-1))
     attention = nn.sigmoid(logits.astype(jnp.float32))
     return x * (1 + attention).astype(x.dtype), attention
@@ -112,6 +117,7 @@ class ResNetMSA(nn.Module):
   init_log_sigma: float = math.log(3.0)  # Initial spread of the Gaussian age head.
   dropout: float = 0.0              # On the pooled features, before the heads.
   image_size: int = 224             # The preset's input size; the network takes any size.
+  dtype: Any = jnp.float32          # Compute dtype; parameters, statistics and heads stay fp32.
 
   @property
   def num_ages(self) -> int:
@@ -132,21 +138,22 @@ class ResNetMSA(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     self._check_config()
-    x = nn.Conv(self.stem_width, (7, 7), 2, padding=3, use_bias=False, name='stem')(images)
-    x = nn.relu(_batch_norm(train, name='stem_bn')(x))
+    x = nn.Conv(self.stem_width, (7, 7), 2, padding=3, use_bias=False, dtype=self.dtype,
+                name='stem')(images)
+    x = nn.relu(_batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
     if self.stem_pool:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     attention = []
     for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(size):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides, name=f'stage{stage}_block{block}')(x, train)
+        x = BasicBlock(width, strides, self.dtype, name=f'stage{stage}_block{block}')(x, train)
       if stage in self.msa_stages:
-        x, a = MultiScaleAttention(self.msa_rates, self.msa_reduction,
+        x, a = MultiScaleAttention(self.msa_rates, self.msa_reduction, dtype=self.dtype,
                                    name=f'msa{stage}')(x, train)
         attention.append(a)
 
-    pooled = x.mean(axis=(1, 2))
+    pooled = x.astype(jnp.float32).mean(axis=(1, 2))  # the heads run in fp32
     features = nn.Dropout(self.dropout, deterministic=not train)(pooled)
     out = {'attention': tuple(attention), 'pooled': pooled}
     if 'age' in self.heads:
