@@ -69,5 +69,12 @@ def load_raw(directory: str, sharding, what: str) -> tuple[int, dict]:
 
 
 def abstract(tree, sharding):
-  """ShapeDtypeStructs with the target sharding, for StandardRestore."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  """ShapeDtypeStructs with the target sharding (one for all, or a tree of them), for StandardRestore.
+
+  Orbax reshards on restore: a checkpoint saved by N processes, or with
+  parameters split over a 'model' axis, loads into any other mesh.
+  """
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      sharding)

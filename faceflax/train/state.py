@@ -22,13 +22,28 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
   ``model_state`` entry (BatchNorm statistics) calls
   ``loss_fn(params, batch, rng, *consts, model_state=...)``, which returns
   ``(loss, (metrics, new_model_state))``.
+
+  ``grad_accum_steps=k`` (static; the loop passes ``config.train.grad_accum_steps``)
+  splits the batch into k micro-batches, sums their gradients in a ``lax.scan``
+  and takes one optimizer step: for a loss that is a plain mean over examples
+  the result is the big batch's, with 1/k of its activation memory. Micro-batch
+  i draws its randomness from ``fold_in(rng, i)``.
   """
-  def update(state, batch, rng, *consts):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def update(state, batch, rng, *consts, grad_accum_steps: int = 1):
     new_state = {}
     if 'model_state' in state:
+      if grad_accum_steps > 1:
+        raise ValueError(
+            f'grad_accum_steps={grad_accum_steps}: this model has BatchNorm statistics, which '
+            'would be computed per micro-batch and differ from the big batch\'s; use '
+            'grad_accum_steps=1 (or more devices) for it')
       (loss, (metrics, new_state['model_state'])), grads = grad_fn(
           state['params'], batch, rng, *consts, model_state=state['model_state'])
+    elif grad_accum_steps > 1:
+      loss, metrics, grads = _accumulate(grad_fn, state['params'], batch, rng, consts,
+                                         grad_accum_steps)
     else:
       (loss, metrics), grads = grad_fn(state['params'], batch, rng, *consts)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
@@ -37,6 +52,37 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
     return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1,
             **new_state}, metrics
   return update
+
+
+def micro_batches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B // k, ...]; micro-batch i holds rows i, i + k, i + 2k, ...
+
+  Strided rows: each device's contiguous shard of the batch feeds every
+  micro-batch, so the split moves no data between devices.
+  """
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f'batch of {x.shape[0]} rows does not split into {k} micro-batches')
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _accumulate(grad_fn, params, batch, rng, consts, k: int):
+  """Mean loss, metrics and gradients over k micro-batches (a scan: one in memory at a time)."""
+  micro = micro_batches(batch, k)
+
+  def body(total, xs):
+    i, mb = xs
+    (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), *consts)
+    return jax.tree.map(jnp.add, total, (loss, metrics, grads)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(lambda mb: grad_fn(params, mb, rng, *consts), first)
+  (loss_shape, metrics_shape), grads_shape = shapes
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       (loss_shape, metrics_shape, grads_shape))
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+  return jax.tree.map(lambda t: t / k, total)
 
 
 def merge_pretrained(params, pretrained, prefix: str = '') -> tuple[dict, list[str]]:
