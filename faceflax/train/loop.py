@@ -5,9 +5,16 @@ the same way: resume from the stage's latest checkpoint (a finished stage is
 not redone), a ``jax.jit`` update with the state donated and batches sharded
 along the mesh's data axis, ``rng = fold_in(seed, step)`` so a resumed run
 draws the same randomness, periodic log lines (loss, img/s, ETA), TensorBoard
-scalars and Orbax checkpoints.
+scalars, ``<stage>/metrics.jsonl`` and Orbax checkpoints.
+
+Scale-out (issue 6): the state is sharded by ``mesh_lib.state_shardings``
+(replicated, or parameters split over the mesh's 'model' axis when the stage
+gives their logical axes); ``config.grad_accum_steps`` micro-batches make one
+step; SIGTERM / SIGINT save the current step and raise ``preemption.Preempted``
+(see preemption.py: the step is the whole data and RNG position).
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -19,7 +26,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from faceflax.train import checkpoint, mesh as mesh_lib
+from faceflax.train import checkpoint, mesh as mesh_lib, preemption
+from faceflax.train.preemption import Preempted  # pylint: disable=unused-import  # re-exported
 
 State = dict  # {'params': ..., 'opt_state': ..., 'step': int32 scalar}
 
@@ -36,6 +44,10 @@ class Stage:
   schedule: Callable[[int], float] | None = None
   on_log: Callable[[State, int], None] | None = None
   loss_fn: Callable[..., Any] | None = None     # the differentiated loss, for tests and analysis
+  # Model parallelism: the params' logical axes (nn.get_partition_spec of the
+  # boxed params) and the optimizer (to find their moments); None = replicated.
+  param_axes: Any = None
+  tx: Any = None
 
 
 def done_marker(workdir: str, name: str) -> str:
@@ -46,16 +58,28 @@ def is_done(workdir: str, name: str) -> bool:
   return os.path.exists(done_marker(workdir, name))
 
 
-def compile_update(stage: Stage, mesh, example_batch: dict, abstract_state):
+def compile_update(stage: Stage, mesh, example_batch: dict, abstract_state,
+                   grad_accum_steps: int = 1):
   """jit with explicit shardings; returns (compiled, seconds)."""
   repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
+  state_sh = mesh_lib.state_shardings(abstract_state, mesh, stage.param_axes, stage.tx)
   batch_sh = {k: data for k in example_batch}
-  jitted = jax.jit(stage.update_fn, donate_argnums=(0,),
-                   in_shardings=(repl, batch_sh, repl) + (repl,) * len(stage.consts),
-                   out_shardings=(repl, repl))
+  update = stage.update_fn
+  if grad_accum_steps > 1:
+    update = functools.partial(update, grad_accum_steps=grad_accum_steps)
+  jitted = jax.jit(update, donate_argnums=(0,),
+                   in_shardings=(state_sh, batch_sh, repl) + (repl,) * len(stage.consts),
+                   out_shardings=(state_sh, repl))
   t0 = time.perf_counter()
   compiled = jitted.lower(abstract_state, example_batch, jax.random.key(0), *stage.consts).compile()
   return compiled, time.perf_counter() - t0
+
+
+def _check_accumulation(stage: Stage, accum: int, mesh) -> None:
+  if accum < 1 or stage.batch_size % (accum * mesh_lib.data_size(mesh)):
+    raise ValueError(f'{stage.name}: batch size {stage.batch_size} must split into '
+                     f'grad_accum_steps={accum} micro-batches of a multiple of the '
+                     f'{mesh_lib.data_size(mesh)} data-parallel devices')
 
 
 def _check_finite(metrics: dict, step: int, stage: str):
@@ -67,13 +91,19 @@ def _check_finite(metrics: dict, step: int, stage: str):
 
 
 def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
-  """Runs (or resumes) one stage and returns its final state."""
+  """Runs (or resumes) one stage and returns its final state.
+
+  On SIGTERM / SIGINT it saves the current step and raises ``Preempted``.
+  """
   stage_dir = os.path.join(workdir, stage.name)
-  mesh_lib.check_batch_size(stage.batch_size, f'{stage.name} batch size')
-  repl = mesh_lib.replicated(mesh)
-  init = jax.jit(stage.init_fn, out_shardings=repl)
+  mesh_lib.check_batch_size(stage.batch_size, f'{stage.name} batch size', mesh)
+  accum = int(config.get('grad_accum_steps', 1))
+  _check_accumulation(stage, accum, mesh)
   seed_rng = jax.random.key(config.seed)
-  abstract_state = checkpoint.abstract(jax.eval_shape(init, seed_rng), repl)
+  shapes = jax.eval_shape(stage.init_fn, seed_rng)
+  shardings = mesh_lib.state_shardings(shapes, mesh, stage.param_axes, stage.tx)
+  init = jax.jit(stage.init_fn, out_shardings=shardings)
+  abstract_state = checkpoint.abstract(shapes, shardings)
 
   mngr = checkpoint.manager(os.path.join(stage_dir, 'ckpt'),
                             save_every=config.checkpoint_every, keep=config.keep_checkpoints)
@@ -87,22 +117,46 @@ def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
     mngr.close()
     return state
 
+  with preemption.Watcher() as watcher:
+    t_start = time.perf_counter()
+    state, step, compile_s = _train(stage, state, step, stage_dir, config, mesh, writer, mngr,
+                                    watcher, accum, abstract_state, seed_rng)
+    mngr.wait_until_finished()  # Orbax saves are async: finish before declaring anything
+    mngr.close()
+    writer.flush()
+    if step < stage.num_steps:
+      raise Preempted(stage.name, step)
+    seconds = time.perf_counter() - t_start
+    if jax.process_index() == 0:
+      with open(done_marker(workdir, stage.name), 'w') as f:
+        json.dump({'steps': stage.num_steps, 'seconds': seconds, 'compile_seconds': compile_s}, f)
+    logging.info('%s: done in %s', stage.name, _fmt_time(seconds))
+    if watcher.requested:  # the signal came during the last step: finish, then stop
+      raise Preempted(stage.name, step)
+  return state
+
+
+def _train(stage, state, step, stage_dir, config, mesh, writer, mngr, watcher, accum,
+           abstract_state, seed_rng):
+  """The step loop; returns (state, step reached, compile seconds)."""
   batches = stage.batches(start_step=step)
   batch = mesh_lib.put_batch(next(batches), mesh)
-  update, compile_s = compile_update(stage, mesh, batch, abstract_state)
-  logging.info('%s: compiled the update in %.1fs; training steps %d..%d',
-               stage.name, compile_s, step, stage.num_steps)
+  update, compile_s = compile_update(stage, mesh, batch, abstract_state, accum)
+  logging.info('%s: compiled the update in %.1fs; training steps %d..%d%s',
+               stage.name, compile_s, step, stage.num_steps,
+               f' ({accum} micro-batches per step)' if accum > 1 else '')
   stage_rng = jax.random.fold_in(seed_rng, zlib.crc32(stage.name.encode()) % (2 ** 31))
 
-  t_start, t_last, last_step, history = time.perf_counter(), time.perf_counter(), step, []
+  t_last, last_step, history = time.perf_counter(), step, []
   while step < stage.num_steps:
     state, metrics = update(state, batch, jax.random.fold_in(stage_rng, step), *stage.consts)
     step += 1
     history.append(metrics)
-    if step < stage.num_steps:
+    stop = watcher.should_stop(step)
+    if step < stage.num_steps and not stop:
       batch = mesh_lib.put_batch(next(batches), mesh)  # overlaps with the async step
     is_log = step % config.log_every == 0 or step == stage.num_steps
-    is_save = step % config.checkpoint_every == 0 or step == stage.num_steps
+    is_save = step % config.checkpoint_every == 0 or step == stage.num_steps or stop
     if is_log or is_save:
       means = {k: float(np.mean([jax.device_get(m[k]) for m in history])) for k in history[0]}
       _check_finite(means, step, stage.name)
@@ -116,22 +170,28 @@ def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
       if stage.schedule is not None:
         scalars[f'{stage.name}/learning_rate'] = float(stage.schedule(step))
       writer.write_scalars(step, scalars)
+      _append_jsonl(os.path.join(stage_dir, 'metrics.jsonl'), {'step': step, **means})
       logging.info('%s step %d/%d  %s  %.1f img/s  ETA %s', stage.name, step, stage.num_steps,
                    '  '.join(f'{k}={v:.4f}' for k, v in means.items()), img_s, _fmt_time(eta))
       t_last, last_step = now, step
       if stage.on_log is not None:
         stage.on_log(state, step)
     if is_save:
-      mngr.save(step, args=checkpoint.ocp.args.StandardSave(state), force=step == stage.num_steps)
-  mngr.wait_until_finished()  # Orbax saves are async: finish before declaring the stage done
-  mngr.close()
-  writer.flush()
-  seconds = time.perf_counter() - t_start
+      mngr.save(step, args=checkpoint.ocp.args.StandardSave(state),
+                force=step == stage.num_steps or stop)
+    if stop and step < stage.num_steps:
+      logging.warning('%s: stopping at step %d (signal); saving the checkpoint', stage.name, step)
+      break
+  return state, step, compile_s
+
+
+def _append_jsonl(path: str, row: dict) -> None:
+  """Per-step metrics, process 0 only. A run resumed after a crash (not a signal)
+  repeats the steps since its last checkpoint: readers keep each step's last row."""
   if jax.process_index() == 0:
-    with open(done_marker(workdir, stage.name), 'w') as f:
-      json.dump({'steps': stage.num_steps, 'seconds': seconds, 'compile_seconds': compile_s}, f)
-  logging.info('%s: done in %s', stage.name, _fmt_time(seconds))
-  return state
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
 
 
 def _fmt_time(seconds: float) -> str:
