@@ -3,8 +3,16 @@
   python main.py --config=configs/fbp_kd.py --workdir=/tmp/fbp_kd
   python main.py --config=configs/fbp_kd.py:test --workdir=/tmp/t --config.seed=1
   python main.py --mode=eval --config=configs/fbp_kd.py --workdir=W --config.data.dir=DIR
+  # one command per host (README "Running on a cluster"):
+  python main.py --config=... --workdir=SHARED_W --coordinator_address=HOST0:1234 \
+      --num_processes=N --process_id=I
+
+Exit status: 0 done; 75 (preemption.EXIT_CODE) stopped by SIGTERM / SIGINT with
+the current step checkpointed: rerun the same command to resume exactly.
 """
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -12,14 +20,33 @@ config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).', 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train: run the config\'s stages; '
                   'eval: score the trained models of --workdir on --config.data.dir.')
+flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                  'jax.distributed.initialize: auto = when a coordinator address is given or a '
+                  'multi-task SLURM / Open MPI / GKE TPU job is detected; on = always (JAX '
+                  'auto-detects the cluster); off = one process.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, reachable from every host '
+                    '(default: env JAX_COORDINATOR_ADDRESS, else cluster auto-detection).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (default: env '
+                     'JAX_NUM_PROCESSES, else cluster auto-detection).')
+flags.DEFINE_integer('process_id', None, 'This process\'s id in 0..num_processes-1 (default: '
+                     'env JAX_PROCESS_ID, else cluster auto-detection).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from faceflax import app as faceflax_app  # after flag parsing: keeps --help fast
-  faceflax_app.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  from faceflax import distributed  # after flag parsing: keeps --help fast
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
+  from faceflax import app as faceflax_app
+  from faceflax.train import preemption
+  try:
+    faceflax_app.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except preemption.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == '__main__':

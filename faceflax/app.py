@@ -27,6 +27,8 @@ def run(config, workdir: str, mode: str = 'train'):
   if not workdir:
     raise ValueError('--workdir is required')
   quiet_library_logs()
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # process 0 writes the log; the others only problems
   task = tasks.get(config.task)
   os.makedirs(workdir, exist_ok=True)
   if not os.access(workdir, os.W_OK):
