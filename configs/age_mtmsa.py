@@ -88,6 +88,10 @@ def get_config(preset: str = ''):
   )
   c.train = dict(optimizer(1000, 64, 2e-3, 100), log_every=50, checkpoint_every=500,
                  keep_checkpoints=2)
+  # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
+  # per step, the device mesh (data=-1: every device the model axis leaves).
+  c.train.update(precision='fp32', grad_accum_steps=1)
+  c.mesh = dict(data=-1, model=1)
   c.train.seed = c.get_ref('seed')  # the loop's init / dropout seed follows config.seed
   c.eval = dict(split='test')  # --mode=eval: scored split ('every row' if no split column)
 

@@ -49,6 +49,10 @@ def get_config(preset: str = ''):
   )
   c.train = dict(steps=800, batch_size=128, lr=1.5e-3, warmup_steps=100, weight_decay=0.05,
                  grad_clip=1.0, log_every=50, checkpoint_every=500, keep_checkpoints=2)
+  # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
+  # per step, the device mesh (data=-1: every device the model axis leaves).
+  c.train.update(precision='fp32', grad_accum_steps=1)
+  c.mesh = dict(data=-1, model=1)
   c.train.seed = c.get_ref('seed')
   c.eval = dict(split='val')  # --mode=eval
 

@@ -61,6 +61,10 @@ def get_config(preset: str = ''):
   )
   c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, image_every=500,
                  seed=0)
+  # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
+  # per step, the device mesh (data=-1: every device the model axis leaves).
+  c.train.update(precision='fp32', grad_accum_steps=1)
+  c.mesh = dict(data=-1, model=1)
 
   if preset == 'scut':
     c.data.dir = f'{SHARED}/scut_fbp5500'

@@ -87,6 +87,10 @@ def get_config(preset: str = ''):
   c.finetune = dict(steps=200, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05,
                     layer_decay=0.75, grad_clip=1.0)
   c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=1)
+  # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
+  # per step, the device mesh (data=-1: every device the model axis leaves).
+  c.train.update(precision='fp32', grad_accum_steps=1)
+  c.mesh = dict(data=-1, model=1)
   c.train.seed = c.get_ref('seed')
 
   if preset == 'test':

@@ -28,7 +28,7 @@ from faceflax.data import age_datasets, pipeline
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, read_folder
 from faceflax.models import resnet_msa
-from faceflax.train import evaluation, loop, mesh as mesh_lib, optim
+from faceflax.train import evaluation, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
 
 STAGES = ('train', 'evaluate')
@@ -73,7 +73,8 @@ def make_model(config) -> resnet_msa.ResNetMSA:
   m = config.model
   return resnet_msa.make(m.variant, msa_stages=tuple(m.msa_stages),
                          msa_rates=tuple(m.msa_rates), heads=heads(config), max_age=m.max_age,
-                         dropout=m.dropout, image_size=config.data.image_size)
+                         dropout=m.dropout, image_size=config.data.image_size,
+                         dtype=precision.compute_dtype(config.train))
 
 
 def init_variables(model, rng, size: int) -> dict:
@@ -300,7 +301,7 @@ class Job(stages_lib.StageStates):
   def __init__(self, config, workdir):
     check_config(config)
     self.config, self.workdir = config, workdir
-    self.mesh = mesh_lib.make_mesh()
+    self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     self.model = make_model(config)

@@ -32,7 +32,7 @@ from faceflax.data import face_regions, pipeline
 from faceflax.data.errors import DataError
 from faceflax.data.folder import read_folder
 from faceflax.models import mae
-from faceflax.train import loop, mesh as mesh_lib, optim
+from faceflax.train import loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
 
 STAGES = ('pretrain', 'evaluate')
@@ -65,7 +65,8 @@ def check_config(config) -> None:
 
 def make_model(config) -> mae.MAE:
   kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'variant'}
-  return mae.make(config.model.variant, image_size=config.data.image_size, **kwargs)
+  return mae.make(config.model.variant, image_size=config.data.image_size,
+                  dtype=precision.compute_dtype(config.train), **kwargs)
 
 
 def init_params(model: mae.MAE, heads: PriorHeads, rng, size: int) -> dict:
@@ -216,7 +217,7 @@ class Job(stages_lib.StageStates):
   def __init__(self, config, workdir):
     check_config(config)
     self.config, self.workdir = config, workdir
-    self.mesh = mesh_lib.make_mesh()
+    self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     self.model = make_model(config)

@@ -22,10 +22,10 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from faceflax import losses, metrics
+from faceflax import distributed, losses, metrics
 from faceflax.data import pipeline, sources, synthetic
 from faceflax.models import mae
-from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim
+from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
 
 STAGES = ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_kd', 'evaluate')
@@ -33,9 +33,10 @@ STAGES = ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_k
 
 # ----------------------------------------------------------------------------- models
 
-def make_model(model_config, image_size: int) -> mae.MAE:
+def make_model(model_config, image_size: int, dtype=jnp.float32) -> mae.MAE:
+  """``dtype``: compute dtype (``precision.compute_dtype(config.train)``)."""
   kwargs = {k: v for k, v in model_config.to_dict().items() if k != 'variant'}
-  return mae.make(model_config.variant, image_size=image_size, **kwargs)
+  return mae.make(model_config.variant, image_size=image_size, dtype=dtype, **kwargs)
 
 
 def init_params(model: mae.MAE, rng, image_size: int):
@@ -68,10 +69,11 @@ def labeled_examples(config, split: str, workdir: str):
   """The labeled faces; with no ``data.dir``, the built-in synthetic faces."""
   data_dir = config.data.dir
   if not data_dir:
-    data_dir = synthetic.write_folder_dataset(
-        os.path.join(workdir, 'synthetic_faces'), num_train=config.data.synthetic.num_train,
-        num_val=config.data.synthetic.num_val, num_test=config.data.synthetic.num_test,
-        size=config.data.synthetic.size, seed=config.data.synthetic.seed)
+    s = config.data.synthetic
+    data_dir = distributed.process_zero_first(functools.partial(
+        synthetic.write_folder_dataset, os.path.join(workdir, 'synthetic_faces'),
+        num_train=s.num_train, num_val=s.num_val, num_test=s.num_test, size=s.size,
+        seed=s.seed), 'synthetic_faces')
     logging.info('no data.dir given: using the built-in procedurally drawn faces in %s', data_dir)
   return sources.load_examples(data_dir, split, label_columns=('score',),
                                protocol=config.data.protocol)
@@ -121,7 +123,8 @@ def pretrain_stage(name, model, cfg, paths, config) -> loop.Stage:
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-      batches=train_batches(config, paths, {}, cfg.batch_size, config.seed))
+      batches=train_batches(config, paths, {}, cfg.batch_size, config.seed),
+      param_axes=mae.param_axes(model, size), tx=tx)
 
 
 def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage:
@@ -146,7 +149,8 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
       batches=train_batches(config, examples.paths, {'score': examples.labels['score']},
-                            cfg.batch_size, config.seed + 1))
+                            cfg.batch_size, config.seed + 1),
+      param_axes=mae.param_axes(model, size), tx=tx)
 
 
 def score_terms(model: mae.MAE, cfg, out, score, weights=None) -> tuple[jax.Array, dict]:
@@ -240,7 +244,10 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size + (cfg.unlabeled_batch_size if extra else 0),
       init_fn=init_fn, update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-      batches=batches, consts=(teacher_params,))
+      batches=batches, consts=(teacher_params,), tx=tx,
+      param_axes={'student': mae.param_axes(student, size),
+                  'projector': jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
+                                            template['projector'])})
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -296,10 +303,10 @@ class Job:
 
   def __init__(self, config, workdir):
     self.config, self.workdir = config, workdir
-    self.mesh = mesh_lib.make_mesh()
-    size = config.data.image_size
-    self.teacher = make_model(config.teacher.model, size)
-    self.student = make_model(config.student.model, size)
+    self.mesh = mesh_lib.make_mesh(config.get('mesh'))
+    size, dtype = config.data.image_size, precision.compute_dtype(config.train)
+    self.teacher = make_model(config.teacher.model, size, dtype)
+    self.student = make_model(config.student.model, size, dtype)
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     self._cache = {}

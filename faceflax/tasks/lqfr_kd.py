@@ -23,12 +23,12 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from faceflax import losses, metrics
+from faceflax import distributed, losses, metrics
 from faceflax.data import pairs as pairs_lib, pipeline, synthetic
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, read_folder
 from faceflax.models import heads, resnext_cbam
-from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim
+from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
 
 # variant: (output KD, attention KD, external teacher)
@@ -56,9 +56,10 @@ class Recognizer(nn.Module):
     return out
 
 
-def make_model(model_config, num_classes: int) -> Recognizer:
+def make_model(model_config, num_classes: int, dtype=jnp.float32) -> Recognizer:
+  """``dtype``: compute dtype (``precision.compute_dtype(config.train)``)."""
   kwargs = dict(model_config)
-  return Recognizer(resnext_cbam.make(kwargs.pop('variant'), **kwargs), num_classes)
+  return Recognizer(resnext_cbam.make(kwargs.pop('variant'), dtype=dtype, **kwargs), num_classes)
 
 
 def init_variables(model: Recognizer, rng, size: int) -> dict:
@@ -335,7 +336,7 @@ class Job(stages_lib.StageStates):
 
   def __init__(self, config, workdir):
     self.config, self.workdir = config, workdir
-    self.mesh = mesh_lib.make_mesh()
+    self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
 
@@ -345,11 +346,13 @@ class Job(stages_lib.StageStates):
 
   @functools.cached_property
   def teacher(self) -> Recognizer:
-    return make_model(self.config.teacher.model, self.train_set.num_classes)
+    return make_model(self.config.teacher.model, self.train_set.num_classes,
+                      precision.compute_dtype(self.config.train))
 
   @functools.cached_property
   def student(self) -> Recognizer:
-    return make_model(self.config.student.model, self.train_set.num_classes)
+    return make_model(self.config.student.model, self.train_set.num_classes,
+                      precision.compute_dtype(self.config.train))
 
   def stage(self, name, restore_only: bool = False) -> loop.Stage:
     c, ts = self.config, self.train_set
@@ -412,10 +415,10 @@ def with_data_dir(config, workdir: str):
     return config
   config = config.copy_and_resolve_references()
   s = config.data.synthetic
-  config.data.dir = synthetic.write_identity_dataset(
-      os.path.join(workdir, 'synthetic_identities'), num_train_ids=s.num_train_ids,
-      num_val_ids=s.num_val_ids, per_id=s.per_id, num_pairs=s.num_pairs, size=s.size,
-      seed=s.seed)
+  config.data.dir = distributed.process_zero_first(functools.partial(
+      synthetic.write_identity_dataset, os.path.join(workdir, 'synthetic_identities'),
+      num_train_ids=s.num_train_ids, num_val_ids=s.num_val_ids, per_id=s.per_id,
+      num_pairs=s.num_pairs, size=s.size, seed=s.seed), 'synthetic_identities')
   logging.info('no data.dir given: using the built-in procedurally drawn identities in %s',
                config.data.dir)
   return config

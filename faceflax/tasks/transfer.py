@@ -39,7 +39,7 @@ from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, read_folder
 from faceflax.models import mae
 from faceflax.tasks import fbp_kd
-from faceflax.train import checkpoint, evaluation, loop, mesh as mesh_lib, optim
+from faceflax.train import checkpoint, evaluation, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
 
 KINDS = ('classification', 'multilabel', 'regression')
@@ -176,7 +176,8 @@ def train_pp(config) -> str:
 # ----------------------------------------------------------------------------- backbone
 
 def make_backbone(config) -> mae.MAE:
-  return fbp_kd.make_model(config.backbone.model, config.backbone.image_size)
+  return fbp_kd.make_model(config.backbone.model, config.backbone.image_size,
+                           precision.compute_dtype(config.train))
 
 
 def select_mae_params(params) -> tuple[dict, str]:
@@ -528,7 +529,7 @@ class Job(stages_lib.StageStates):
     with self.config.unlocked():  # StageStates runs the listed stages, restores the others
       self.config.stages = ','.join(stage_name(t) for t in self.tasks) if train else ''
     self.workdir = workdir
-    self.mesh = mesh_lib.make_mesh()
+    self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     self.model, self.params, self.backbone = load_backbone(self.config, self.mesh)
