@@ -25,7 +25,8 @@ ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS', 'num_processes': 'JAX_N
 def cluster_detected() -> bool:
   """A launcher that starts one process per host/task (and sets their ids) is present."""
   env = os.environ
-  if 'SLURM_JOB_ID' in env and int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', 1))) > 1:
+  # srun sets the step's task count; a batch script alone (one process) does not.
+  if 'SLURM_JOB_ID' in env and int(env.get('SLURM_STEP_NUM_TASKS', 1)) > 1:
     return True
   if int(env.get('OMPI_COMM_WORLD_SIZE', 1)) > 1:
     return True
