@@ -91,3 +91,26 @@ def test_two_processes_equal_one_and_their_checkpoint_restores_in_one(tmp_path):
     diffs += [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
               for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(trained))]
   print(f'2-process run: {seconds:.1f}s; max |param difference| vs 1 process: {max(diffs):.2e}')
+
+
+def test_distributed_initializes_only_when_asked(monkeypatch):
+  from faceflax import distributed  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.config, 'update', lambda *a: None)
+  for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_JOB_ID',
+              'SLURM_STEP_NUM_TASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(var, raising=False)
+  assert not distributed.initialize('auto') and not calls  # one process: nothing to start
+  assert not distributed.initialize('off', 'h:1', 2, 0) and not calls
+  assert distributed.initialize('on') and calls.pop() == {}  # JAX auto-detects the cluster
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'h:1')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
+  monkeypatch.setenv('JAX_PROCESS_ID', '3')
+  assert distributed.initialize('auto', process_id=2)  # flags win over the env
+  assert calls.pop() == {'coordinator_address': 'h:1', 'num_processes': 4, 'process_id': 2}
+  for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(var)
+  monkeypatch.setenv('SLURM_JOB_ID', '7')
+  monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '2')
+  assert distributed.initialize('auto') and calls.pop() == {}  # srun step: JAX reads SLURM

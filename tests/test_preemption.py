@@ -59,3 +59,12 @@ def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
   ref_steps, ref_losses = _losses(ref)
   assert steps == ref_steps == list(range(1, STEPS + 1))  # every step once, none repeated
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+
+
+def test_watcher_flags_a_signal_and_restores_the_handlers():
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption.Watcher() as watcher:
+    assert not watcher.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watcher.should_stop(2)
+  assert signal.getsignal(signal.SIGTERM) is before
