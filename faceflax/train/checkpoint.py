@@ -69,7 +69,7 @@ def load_raw(directory: str, sharding, what: str) -> tuple[int, dict]:
 
 
 def abstract(tree, sharding):
-  """ShapeDtypeStructs with the target sharding (one for all, or a tree of them), for StandardRestore.
+  """ShapeDtypeStructs with the target sharding (one, or a tree of them) for StandardRestore.
 
   Orbax reshards on restore: a checkpoint saved by N processes, or with
   parameters split over a 'model' axis, loads into any other mesh.
