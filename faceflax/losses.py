@@ -125,13 +125,28 @@ def dirac_gaussian_kl(mean, log_sigma, ages, num_ages: int, weights=None,
   instead of log(0). For stability sigma is clipped to [min_sigma, num_ages]:
   a collapsing sigma would make the loss arbitrarily steep.
   """
+  k = _age_index(ages, num_ages).astype(jnp.float32)
+  return masked_mean(-_gaussian_log_mass(mean, log_sigma, k, num_ages, min_sigma), weights)
+
+
+def _gaussian_log_mass(mean, log_sigma, k, num_ages: int, min_sigma: float):
+  """log p(k) of the truncated, discretised N(mean, sigma^2) of `dirac_gaussian_kl`."""
   mean = mean.astype(jnp.float32)
   sigma = jnp.exp(jnp.clip(log_sigma.astype(jnp.float32),
                            jnp.log(min_sigma), jnp.log(float(num_ages))))
-  k = _age_index(ages, num_ages).astype(jnp.float32)
-  log_p = (_log_normal_mass((k - 0.5 - mean) / sigma, (k + 0.5 - mean) / sigma)
-           - _log_normal_mass((-0.5 - mean) / sigma, (num_ages - 0.5 - mean) / sigma))
-  return masked_mean(-log_p, weights)
+  return (_log_normal_mass((k - 0.5 - mean) / sigma, (k + 0.5 - mean) / sigma)
+          - _log_normal_mass((-0.5 - mean) / sigma, (num_ages - 0.5 - mean) / sigma))
+
+
+def expected_age_gaussian(mean, log_sigma, num_ages: int, min_sigma: float = 0.1):
+  """The expectation of the discretised predicted Gaussian over 0..num_ages-1.
+
+  Differs from `mean` when the truncation matters (a mean near an end of the
+  range with a wide sigma): the prediction is what the distribution says.
+  """
+  k = jnp.arange(num_ages, dtype=jnp.float32)
+  log_p = _gaussian_log_mass(mean[:, None], log_sigma[:, None], k, num_ages, min_sigma)
+  return jnp.exp(log_p) @ k
 
 
 def age_l1(pred_age, ages, weights=None):

@@ -479,3 +479,17 @@ def test_real_utkface_smoke():
   # The folder's file names are UTKFace's own, and agree with its label columns.
   parsed = np.array([age_datasets.parse_utkface_name(p) for p in examples.paths])
   np.testing.assert_array_equal(parsed, np.stack([labels[c] for c in ('age', 'gender', 'race')], 1))
+
+
+def test_expected_age_gaussian_matches_numpy_including_the_range_ends():
+  num_ages = 30
+  mean = np.array([0.0, 3.0, 15.0, 29.0], np.float32)
+  log_sigma = np.log(np.array([8.0, 1.0, 2.0, 20.0], np.float32))
+  edges = np.arange(num_ages + 1) - 0.5
+  expected = []
+  for m, s in zip(mean, np.exp(log_sigma)):
+    mass = np.diff(scipy.stats.norm.cdf(edges, m, s))
+    expected.append((mass / mass.sum()) @ np.arange(num_ages))
+  got = losses.expected_age_gaussian(jnp.asarray(mean), jnp.asarray(log_sigma), num_ages)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+  assert got[0] > 3  # a wide Gaussian truncated at 0: the expectation, not the raw mean

@@ -10,7 +10,7 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
             on ``data.eval_split`` -> ``<workdir>/results.json``
 
 The predicted age is the expectation of the predicted distribution ('kl', 'ce'), the
-predicted Gaussian mean ('dirac_gaussian') or the regressed value ('l1').
+discretised predicted Gaussian ('dirac_gaussian') or the regressed value ('l1').
 """
 import functools
 import os
@@ -82,8 +82,12 @@ def init_variables(model, rng, size: int) -> dict:
 
 
 def predicted_age(out: dict, kind: str) -> jax.Array:
-  if kind in ('dirac_gaussian', 'l1'):
+  """The expectation of the predicted age distribution (for 'l1': the regressed value)."""
+  if kind == 'l1':
     return out['age_mean']
+  if kind == 'dirac_gaussian':
+    return losses.expected_age_gaussian(out['age_mean'], out['age_log_sigma'],
+                                        out['age_logits'].shape[-1])
   return losses.expected_age(out['age_logits'])
 
 
