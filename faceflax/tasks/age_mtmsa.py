@@ -354,8 +354,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def evaluate(config, workdir: str) -> dict:
   """Scores the trained model of ``workdir`` on ``data.dir`` / ``eval.split``."""
   check_config(config)
-  job = Job(config, workdir)
-  job.config = stages_lib.restore_only(config)
+  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
   examples = load_examples(config, config.eval.split)
   results = job.evaluate_on(examples, config.eval.split)
   name = os.path.basename(os.path.normpath(config.data.dir))

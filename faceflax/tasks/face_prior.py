@@ -265,8 +265,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def evaluate(config, workdir: str) -> dict:
   """Re-scores the pretraining terms of ``workdir`` on ``data.datasets`` / ``eval.split``."""
   check_config(config)
-  job = Job(config, workdir)
-  job.config = stages_lib.restore_only(config)
+  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
   results = job.evaluate_on(config.eval.split)
   log_results(results, None)
   stages_lib.write_json(os.path.join(workdir, f'eval_{config.eval.split}.json'), results)

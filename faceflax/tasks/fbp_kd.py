@@ -428,8 +428,7 @@ def evaluate(config, workdir: str) -> dict:
   """Scores the trained teacher and student of ``workdir`` on ``data.dir`` / ``eval.split``."""
   if not config.data.dir:
     raise ValueError('--mode=eval needs --config.data.dir (a folder-format or official dataset)')
-  job = Job(config, workdir)
-  job.config = stages_lib.restore_only(config)
+  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
   examples = labeled_examples(config, config.eval.split, workdir)
   results = score_models(job.models(require_all=False), examples, config, job.mesh)
   name = os.path.basename(os.path.normpath(config.data.dir))
