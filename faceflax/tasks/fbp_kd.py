@@ -178,6 +178,20 @@ def kd_pairs(cfg, student: mae.MAE, teacher: mae.MAE):
   return [(s % student.depth, t % teacher.depth) for s, t in pairs]
 
 
+def output_kd(cfg, s_out, t_out) -> jax.Array:
+  """'kl': temperature KL over the score bins; 'score': squared error to the teacher's score.
+
+  'score' treats the teacher's prediction as the label (pseudo-labels on unlabeled
+  faces); 'kl' also matches the shape of the bin distribution, which only carries
+  knowledge when the teacher was trained with the label-distribution term.
+  """
+  if cfg.output_kd == 'kl':
+    return losses.distillation_kl(s_out['logits'], t_out['logits'], cfg.temperature)
+  if cfg.output_kd == 'score':
+    return losses.score_regression(s_out['score'], t_out['score'], None, 'mse')
+  raise ValueError(f"student.kd.output_kd={cfg.output_kd!r}: expected 'kl' or 'score'")
+
+
 def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teacher_params,
              config) -> loop.Stage:
   """Student step with the frozen teacher's forward pass inside (one XLA graph)."""
@@ -213,7 +227,7 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
                           rngs={'dropout': rng})
     total, terms = score_terms(student, cfg, s_out, batch['score'], batch['has_label'])
     if cfg.alpha:
-      terms['output_kd'] = losses.distillation_kl(s_out['logits'], t_out['logits'], cfg.temperature)
+      terms['output_kd'] = output_kd(cfg, s_out, t_out)
       total += cfg.alpha * terms['output_kd']
     if cfg.beta and pairs:
       tokens = [pool_tokens(s_out['hidden'][s], teacher.grid) for s, _ in pairs]
