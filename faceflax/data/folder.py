@@ -66,6 +66,14 @@ def check_relative(filename, where):
                     'inside the image folder')
 
 
+def load_array(path, mmap_mode=None) -> np.ndarray:
+  """A plain ``.npy`` array (one row per labels.csv row); never unpickles: data files are untrusted."""
+  try:
+    return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    raise DataError(f'{path}: not a readable plain .npy array ({type(e).__name__}: {e})') from None
+
+
 def screen_files(examples: Examples, where, *, colour_set=True) -> Examples:
   """``examples`` whose image files exist and decode (``images.screen``); bad ones raise or are skipped."""
   keep = images.screen(examples.paths, str(where), colour_set=colour_set)

@@ -15,6 +15,7 @@ from PIL import Image
 import tensorflow as tf
 
 from faceflax.data import bad_data, ops
+from faceflax.data.errors import DataError
 
 FORMATS = ('JPEG', 'PNG', 'BMP', 'GIF', 'WEBP')  # What tf.io.decode_image reads.
 MAX_PIXELS = 8192 * 8192  # Larger headers are refused before decoding (decompression bombs).
@@ -87,4 +88,6 @@ def screen(paths, where: str, *, skippable: bool = True, colour_set: bool = True
   if colour_set and grey.any() and (keep & ~grey).any():
     keep &= bad_data.screen(where, 'greyscale image(s) among colour images', paths,
                             ['greyscale' if g else None for g in grey], skippable=skippable)
+  if paths and not keep.any():  # each check skipped some: nothing left to train or score on
+    raise DataError(f'{where}: all {len(paths)} images are bad (skipped), none left')
   return keep

@@ -107,8 +107,9 @@ def _class_problem(value, column: str, num: int) -> str | None:
     return None
   if number is not None and np.isfinite(number) and number == round(number) and -1 <= number < num:
     return None
+  shown = repr(value) if isinstance(value, str) else f'{value:g}'
   return (f'column {column!r} must hold integer codes 0..{num - 1} (empty or -1 = unknown), '
-          f'got {value!r}')
+          f'got {shown}')
 
 
 def _class_codes(examples: Examples, column: str) -> np.ndarray:

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from faceflax import distributed, losses, metrics
 from faceflax.data import pairs as pairs_lib, pipeline, synthetic
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, read_folder
+from faceflax.data.folder import Examples, load_array, read_folder
 from faceflax.models import heads, resnext_cbam
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
@@ -102,7 +102,7 @@ def external_embeddings(config, ts: TrainSet) -> np.ndarray:
   path = os.path.join(config.data.dir, config.data.external_teacher)
   if not os.path.isfile(path):
     raise DataError(f'student_external needs the teacher embeddings {path}: no such file')
-  emb = np.load(path, allow_pickle=False)  # plain arrays only: never unpickle data files
+  emb = load_array(path)
   num_rows = len(read_folder(config.data.dir, check_files=False))
   if emb.ndim != 2 or emb.shape[0] != num_rows:
     raise DataError(f'{path}: shape {emb.shape}, expected ({num_rows}, dim): one row per '
@@ -116,7 +116,7 @@ def external_dim(config) -> int:
   path = os.path.join(config.data.dir, config.data.external_teacher)
   if not os.path.isfile(path):
     raise DataError(f'student_external needs the teacher embeddings {path}: no such file')
-  return int(np.load(path, mmap_mode='r').shape[1])
+  return int(load_array(path, mmap_mode='r').shape[1])
 
 
 def cache_pp(config) -> str:
@@ -336,7 +336,7 @@ def external_reference(config, paths, pairs) -> dict | None:
   row = {p: i for i, p in enumerate(everything.paths)}
   if not all(p in row for p in paths):
     return None
-  emb = np.load(path, allow_pickle=False)[[row[p] for p in paths]].astype(np.float64)
+  emb = load_array(path)[[row[p] for p in paths]].astype(np.float64)
   emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
   return verification_table({'hq': emb}, pairs, config)
 

@@ -72,8 +72,8 @@ def saved_tree(mngr: ocp.CheckpointManager, step: int):
   """The tree metadata (shapes and dtypes) of a saved step."""
   meta = mngr.item_metadata(step)
   tree = getattr(meta, 'tree', meta)
-  if tree is None:
-    raise CheckpointError(f'{step_dir(mngr, step)}: no tree metadata')
+  if tree is None:  # not a refusal (CheckpointError): an unreadable step
+    raise FileNotFoundError(f'{step_dir(mngr, step)}: no readable tree metadata')
   return tree
 
 

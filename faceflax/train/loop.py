@@ -103,6 +103,10 @@ def _nonfinite_error(stage: str, step: int, what: str, mngr) -> FloatingPointErr
       "--config.train.on_nonfinite=skip skips such steps instead.")
 
 
+def _term_order(key: str):
+  return key != 'loss', key == 'grad_norm', key  # the loss, its terms, then the gradient
+
+
 def _check_steps(history, stage: str, on_nonfinite: str, mngr) -> tuple[dict, list[int]]:
   """Means of the metrics of ``history`` ([(step, host metrics)]) and the steps skipped.
 
@@ -111,8 +115,8 @@ def _check_steps(history, stage: str, on_nonfinite: str, mngr) -> tuple[dict, li
   """
   skipped, kept = [], []
   for step, metrics in history:
-    bad = [f'{k}={float(np.mean(v))}' for k, v in metrics.items()
-           if k != 'skipped' and not np.all(np.isfinite(v))]
+    bad = [f'{k}={float(np.mean(metrics[k]))}' for k in sorted(metrics, key=_term_order)
+           if k != 'skipped' and not np.all(np.isfinite(metrics[k]))]
     if on_nonfinite == 'skip' and metrics.get('skipped'):
       logging.warning('%s: step %d skipped (train.on_nonfinite=skip): non-finite loss or '
                       'gradients (%s); parameters unchanged', stage, step,
