@@ -20,9 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 from clu import metric_writers
-from ml_collections import config_flags
 from PIL import Image
 
 from faceflax import app
@@ -212,12 +210,7 @@ def test_skip_bad_counts_in_results_json_and_strict_run_leaves_results_intact(fo
 # ----------------------------------------------------------------------------- configs
 
 def _parse_flags(*overrides):
-  argv = ['prog', f'--config={REPO}/configs/fbp_kd.py:test', *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'c', flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
+  return configs_for_tests.parse_flags('fbp_kd', *overrides)
 
 
 def test_unknown_keys_and_wrong_types_are_refused_naming_the_key():
