@@ -41,5 +41,7 @@ def run(config, workdir: str, mode: str = 'train'):
   logging.info('config:\n%s', config)
   with bad_data.policy(skip=config.data.get('skip_bad', False)):
     if mode == 'train':
+      if hasattr(task, 'check_data'):  # every split read now: bad data fails before training
+        task.check_data(config, workdir)
       return task.train_and_evaluate(config, workdir)
     return task.evaluate(config, workdir)

@@ -185,6 +185,20 @@ def test_skip_bad_leaves_out_and_counts_every_kind_of_bad_row(folder):
       read_folder(folder, 'train')
 
 
+@pytest.mark.parametrize('name', ['fbp_kd', 'face_prior'])
+def test_a_bad_image_in_the_eval_split_fails_before_any_training(folder, tmp_path, name):
+  (folder / 'images' / 'f20.jpg').write_bytes(b'\xff\xd8\xff\xdb truncated')  # a 'val' row
+  config = configs_for_tests.load(name, 'test')
+  if name == 'fbp_kd':
+    config.data.dir = str(folder)
+  else:
+    config.data.update(root=str(folder.parent), datasets='faces')
+  workdir = tmp_path / 'w'
+  with pytest.raises(DataError, match=r'1 unreadable image\(s\): .*f20\.jpg'):
+    app.run(config, str(workdir))
+  assert os.listdir(workdir) == []  # no stage started
+
+
 def _transfer_config(root, **overrides):
   config = configs_for_tests.load('transfer', 'test')
   config.update(tasks='beauty', protocols='linear')

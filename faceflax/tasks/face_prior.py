@@ -242,6 +242,16 @@ class Job(stages_lib.StageStates):
     return results
 
 
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) the pretraining and evaluation faces before anything trains."""
+  del workdir
+  names = stages_lib.parse(config.stages, STAGES)
+  if 'pretrain' in names:
+    load_faces(config, config.data.train_split)
+  if 'evaluate' in names:
+    load_faces(config, config.data.eval_split)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   start = time.perf_counter()
   check_config(config)

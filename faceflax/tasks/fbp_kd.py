@@ -324,6 +324,16 @@ def check_config(config) -> None:
                      'check the models\' patch sizes')
 
 
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) every split the listed stages use, before the first one trains."""
+  names, kd = parse_stages(config), config.student.kd
+  labeled_examples(config, config.data.train_split, workdir)
+  if 'evaluate' in names:
+    labeled_examples(config, config.data.eval_split, workdir)
+  if {'teacher_pretrain', 'student_pretrain'} & set(names) or kd.unlabeled_batch_size:
+    unlabeled_paths(config, workdir)
+
+
 class Job:
   """Builds each stage lazily; a stage's inputs come from earlier stages' checkpoints."""
 

@@ -446,6 +446,17 @@ def with_data_dir(config, workdir: str):
   return config
 
 
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) the training rows and the verification pairs before anything trains."""
+  names = stages_lib.parse(config.stages, STAGES)
+  config = with_data_dir(config, workdir)
+  ts = train_set(config)
+  if 'student_external' in names:
+    external_embeddings(config, ts)
+  if 'evaluate' in names:
+    eval_pairs(config)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   start = time.perf_counter()
   names = stages_lib.parse(config.stages, STAGES)

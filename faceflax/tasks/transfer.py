@@ -631,6 +631,13 @@ def run(config, workdir: str, train: bool, filename: str) -> dict:
   return results
 
 
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) every task's train and val split before the first task runs."""
+  del workdir
+  for name in parse_names(config.tasks, list(TASKS), 'tasks'):
+    load_task(config, name)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   return run(config, workdir, train=True, filename='results.json')
 
