@@ -153,12 +153,15 @@ def test_filenames_escaping_the_image_folder_are_refused(folder, name):
       read_folder(folder, 'train')
 
 
-def test_csv_that_is_not_utf8_or_has_duplicated_columns_is_named(folder):
+def test_csv_that_is_not_utf8_or_has_duplicated_columns_or_short_rows_is_named(folder):
   (folder / 'labels.csv').write_bytes(b'filename,score\nf0.jpg,1\n\xff\xfe,2\n')
   with pytest.raises(DataError, match=r'labels\.csv: line \d: not UTF-8'):
     read_folder(folder)
   (folder / 'labels.csv').write_text('filename,score,score\nf0.jpg,1,2\n')
   with pytest.raises(DataError, match=r"line 1: duplicated column\(s\) \['score'\]"):
+    read_folder(folder)
+  (folder / 'labels.csv').write_text('filename,score\nf0.jpg,1\nf1.jpg\n')
+  with pytest.raises(DataError, match=r'labels\.csv: line 3: expected 2 fields'):
     read_folder(folder)
 
 
