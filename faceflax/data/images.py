@@ -82,8 +82,8 @@ def screen(paths, where: str, *, skippable: bool = True, colour_set: bool = True
   keep = bad_data.screen(where, 'image file(s) missing', paths,
                          ['' if why == 'missing' else None for why in whys], skippable=skippable)
   keep &= bad_data.screen(where, 'unreadable image(s)', paths,
-                          [None if why in (None, 'missing') or not k else why
-                           for why, k in zip(whys, keep)], skippable=skippable)
+                          [None if why in (None, 'missing') else why for why in whys],
+                          skippable=skippable)
   grey = np.asarray([g for _, g in results], bool) & keep
   if colour_set and grey.any() and (keep & ~grey).any():
     keep &= bad_data.screen(where, 'greyscale image(s) among colour images', paths,
