@@ -65,6 +65,10 @@ def get_config(preset: str = ''):
   # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
   # per step, the device mesh (data=-1: every device the model axis leaves).
   c.train.update(precision='fp32', grad_accum_steps=1)
+  # README "Failure behaviour": a non-finite step stops the run or is skipped ('skip');
+  # bad examples raise an error naming them, or are skipped and counted (skip_bad=True).
+  c.train.on_nonfinite = 'stop'
+  c.data.skip_bad = False
   c.mesh = dict(data=-1, model=1)
 
   if preset == 'celeba':

@@ -5,7 +5,9 @@ import os
 import jax
 from absl import logging
 
-from faceflax import tasks
+from faceflax import config_checks, tasks
+from faceflax.data import bad_data
+from faceflax.train import files
 
 MODES = ('train', 'eval')
 
@@ -30,12 +32,16 @@ def run(config, workdir: str, mode: str = 'train'):
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # process 0 writes the log; the others only problems
   task = tasks.get(config.task)
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise PermissionError(f'workdir {workdir} is not writable')
+  # Every check that needs no data comes first: a bad config fails in seconds.
+  config_checks.check_common(config)
+  task.check_config(config)
+  files.check_writable(os.path.abspath(workdir))
   logging.info('task=%s mode=%s workdir=%s devices=%d (%s) processes=%d', config.task, mode,
                workdir, jax.device_count(), jax.devices()[0].platform, jax.process_count())
   logging.info('config:\n%s', config)
-  if mode == 'train':
-    return task.train_and_evaluate(config, workdir)
-  return task.evaluate(config, workdir)
+  with bad_data.policy(skip=config.data.get('skip_bad', False)):
+    if mode == 'train':
+      if hasattr(task, 'check_data'):  # every split read now: bad data fails before training
+        task.check_data(config, workdir)
+      return task.train_and_evaluate(config, workdir)
+    return task.evaluate(config, workdir)

@@ -111,7 +111,7 @@ def test_bad_label_value_names_line_column_value(folder, bad):
   lines = (folder / 'labels.csv').read_text().splitlines()
   lines[3] = lines[3].replace(',2,', f',{bad},')  # Row im2 is line 4.
   _write_csv(folder, lines)
-  with pytest.raises(DataError, match=rf"labels\.csv: line 4: column 'score'.*'{bad}'"):
+  with pytest.raises(DataError, match=rf"labels\.csv: 1 bad label value\(s\): line 4: column 'score'.*'{bad}'"):
     data.read_folder(folder, label_columns=('score',))
   # Rows outside the selected split are not checked.
   assert len(data.read_folder(folder, 'val', label_columns=('score',))) == 2

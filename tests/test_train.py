@@ -9,9 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from absl import flags
 from clu import metric_writers
-from ml_collections import config_flags
 
 from faceflax import app
 from faceflax.data import DataError
@@ -22,12 +20,7 @@ from tests.conftest import REPO, shared_dataset
 
 
 def _parse(*overrides):
-  argv = ['prog', f'--config={REPO}/configs/fbp_kd.py:test', *overrides]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'c', flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
-  fv(argv)
-  return fv.config
+  return configs_for_tests.parse_flags('fbp_kd', *overrides)
 
 
 def test_config_overrides_and_unknown_keys():

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, check_files_exist, check_relative
+from faceflax.data.folder import Examples, check_relative, screen_files
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 MAX_AGE = 116  # UTKFace's range is 0..116; the other datasets lie inside it.
@@ -132,7 +132,7 @@ def read_utkface(root, split=None, *, val_fraction=0.1, skip_malformed=False) ->
     raise DataError(f'{root}: no well-formed UTKFace images in split {split!r} '
                     f'({len(found)} images, {len(skipped)} malformed, '
                     f'val_fraction={val_fraction})')
-  return Loaded(_examples('utkface', paths, labels), tuple(skipped))
+  return Loaded(screen_files(_examples('utkface', paths, labels), root), tuple(skipped))
 
 
 # MORPH II: a CSV list with one row per image.
@@ -264,9 +264,8 @@ def read_morph(root, split='train', protocol='random_80_20', *, csv_path=None,
     raise DataError(f'{path}: no rows')
   if not paths:
     raise DataError(f'{path}: no rows in split {split!r} (test_fraction={test_fraction})')
-  if check_files:
-    check_files_exist(paths, str(path))
-  return _examples('morph2', paths, labels)
+  examples = _examples('morph2', paths, labels)
+  return screen_files(examples, path) if check_files else examples
 
 
 # Adience: fold_{0..4}_data.txt lists, faces/<user_id>/<prefix>.<face_id>.<original_image>.
@@ -378,6 +377,7 @@ def read_adience(root, split='train', protocol='fold0', *, faces_dir='faces',
                        skipped)
   if not paths:
     raise DataError(f'{root}: no usable rows in folds {folds} ({len(skipped)} skipped)')
+  examples = _examples('adience', paths, labels)
   if check_files:
-    check_files_exist(paths, f'{root} (folds {folds})')
-  return Loaded(_examples('adience', paths, labels), tuple(skipped))
+    examples = screen_files(examples, f'{root} (folds {folds})')
+  return Loaded(examples, tuple(skipped))

@@ -30,7 +30,7 @@ from PIL import Image
 import tensorflow as tf
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, read_folder
+from faceflax.data.folder import Examples, load_array, read_folder
 from faceflax.data.ops import register
 
 REGIONS = ('background', 'skin', 'contour', 'brows', 'eyes', 'nose', 'mouth')
@@ -176,7 +176,7 @@ def _landmark_rows(data_dir, image_size):
   """(real image path -> labels.csv row, shapes [N, S, 6], NaN where unusable)."""
   everything = read_folder(data_dir, check_files=False)
   path = Path(data_dir) / 'landmarks86.npy'
-  landmarks = np.load(path).astype(np.float64)
+  landmarks = load_array(path).astype(np.float64)
   if landmarks.shape[1:] != (86, 2):
     raise DataError(f'{path}: expected [rows, 86, 2] landmarks, got {landmarks.shape}')
   if len(landmarks) != len(everything):

@@ -1,31 +1,46 @@
-"""Reader for the "folder format": `<root>/images/` + `<root>/labels.csv`."""
+"""Reader for the "folder format": `<root>/images/` + `<root>/labels.csv`.
+
+Every problem raises DataError naming the file, line, column or value
+(``read_folder``'s docstring lists them); bad examples can be skipped instead
+through ``bad_data`` (``config.data.skip_bad``).
+"""
 
 import csv
 import dataclasses
 import math
-import os
 from pathlib import Path, PurePath
 
 from absl import logging
 import numpy as np
 
+from faceflax.data import bad_data, images
 from faceflax.data.errors import DataError
 
-_MAX_LISTED = 5  # How many offending names an error message lists.
+_MAX_LISTED = bad_data.MAX_LISTED
 
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-  """Image paths plus per-row labels of one dataset split."""
+  """Image paths plus per-row labels of one dataset split.
+
+  ``rows``: each example's row in the source list (0 = the first data row of
+  labels.csv), so per-row arrays (``*.npy``) stay aligned after a split or after
+  bad rows were skipped.
+  """
   name: str
   paths: tuple[str, ...]
   labels: dict[str, np.ndarray]
+  rows: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     for key, values in self.labels.items():
       if len(values) != len(self.paths):
         raise DataError(f'{self.name}: label {key!r} has {len(values)} rows '
                         f'but there are {len(self.paths)} paths')
+    rows = np.arange(len(self.paths)) if self.rows is None else np.asarray(self.rows)
+    if rows.shape != (len(self.paths),):
+      raise DataError(f'{self.name}: {rows.shape} row numbers for {len(self.paths)} paths')
+    object.__setattr__(self, 'rows', rows)
 
   def __len__(self):
     return len(self.paths)
@@ -36,22 +51,42 @@ class Examples:
       idx = np.flatnonzero(idx)
     paths = tuple(self.paths[i] for i in idx.tolist())
     labels = {k: v[idx] for k, v in self.labels.items()}
-    return Examples(self.name, paths, labels)
+    return Examples(self.name, paths, labels, self.rows[idx])
 
 
 def check_relative(filename, where):
-  """Rejects names that are empty, absolute or climb out of the image folder."""
+  """Rejects names that are empty, absolute or climb out of the image folder.
+
+  Names come from data files, which are untrusted: a path they give must stay
+  inside the dataset folder. Always an error, never skipped.
+  """
   path = PurePath(filename)
-  if not filename or path.is_absolute() or '..' in path.parts:
+  if not filename or '\x00' in filename or path.is_absolute() or '..' in path.parts:
     raise DataError(f'{where}: filename {filename!r} must be a relative path '
                     'inside the image folder')
 
 
-def check_files_exist(paths, where):
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing:
-    shown = ', '.join(missing[:_MAX_LISTED])
-    raise DataError(f'{where}: {len(missing)} image file(s) missing, e.g. {shown}')
+def load_array(path, mmap_mode=None) -> np.ndarray:
+  """A plain ``.npy`` array (one row per labels.csv row); never unpickles: data files are untrusted."""
+  try:
+    return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    raise DataError(f'{path}: not a readable plain .npy array ({type(e).__name__}: {e})') from None
+
+
+def screen_files(examples: Examples, where, *, colour_set=True) -> Examples:
+  """``examples`` whose image files exist and decode (``images.screen``); bad ones raise or are skipped."""
+  keep = images.screen(examples.paths, str(where), colour_set=colour_set)
+  return examples if keep.all() else examples.select(keep)
+
+
+def drop_bad_rows(examples: Examples, whys, where, kind) -> Examples:
+  """``examples`` without the rows whose ``whys`` entry is not None (DataError unless skipping).
+
+  For label checks that need the task's knowledge (ranges, class counts).
+  """
+  keep = bad_data.screen(str(where), kind, examples.paths, whys)
+  return examples if keep.all() else examples.select(keep)
 
 
 def _parse_float(text):
@@ -73,30 +108,52 @@ def _read_csv(csv_path):
   """Returns (columns, rows, line numbers); line numbers are 1-based, as in an editor."""
   with open(csv_path, newline='', encoding='utf-8-sig') as f:
     reader = csv.DictReader(f)
-    columns = reader.fieldnames or []
-    if 'filename' not in columns:
-      raise DataError(f'{csv_path}: no "filename" column (columns: {columns})')
-    rows, lines = [], []
-    for row in reader:
-      if None in row or None in row.values():
-        raise DataError(f'{csv_path}: line {reader.line_num}: expected '
-                        f'{len(columns)} fields')
-      rows.append(row)
-      lines.append(reader.line_num)
+    try:
+      columns = reader.fieldnames or []
+      duplicated = sorted({c for c in columns if columns.count(c) > 1})
+      if duplicated:  # DictReader would keep only the last of them.
+        raise DataError(f'{csv_path}: line 1: duplicated column(s) {duplicated}')
+      if 'filename' not in columns:
+        raise DataError(f'{csv_path}: no "filename" column (columns: {columns})')
+      rows, lines = [], []
+      for row in reader:
+        if None in row or None in row.values():
+          raise DataError(f'{csv_path}: line {reader.line_num}: expected '
+                          f'{len(columns)} fields')
+        rows.append(row)
+        lines.append(reader.line_num)
+    except UnicodeDecodeError as e:
+      raise DataError(f'{csv_path}: line {reader.line_num + 1}: not UTF-8 text ({e})') from None
+    except csv.Error as e:
+      raise DataError(f'{csv_path}: line {reader.line_num}: {e}') from None
   if not rows:
     raise DataError(f'{csv_path}: no rows')
   return columns, rows, lines
 
 
-def _check_label(csv_path, line, column, value):
-  number = _parse_float(value)
-  if number is None or not math.isfinite(number):
-    raise DataError(f'{csv_path}: line {line}: column {column!r} needs a finite '
-                    f'number, got {value!r}')
+def _label_problem(row, label_columns):
+  """What is wrong with the label values of one csv row, or None."""
+  for column in label_columns:
+    number = _parse_float(row[column])
+    if number is None or not math.isfinite(number):
+      return f'column {column!r} needs a finite number, got {row[column]!r}'
+  return None
 
 
 def read_folder(root, split=None, *, label_columns=(), check_files=True) -> Examples:
-  """Reads a folder-format dataset, optionally restricted to one `split`."""
+  """Reads a folder-format dataset, optionally restricted to one `split`.
+
+  Raises DataError (naming the file, line, column or value) for: a missing
+  folder or labels.csv; a file that is not UTF-8 CSV, has duplicated columns,
+  no "filename" column, a row with the wrong number of fields or no rows; a
+  missing label column; a split no row has; a filename that is absolute or
+  climbs out of images/. Per example (skipped instead when ``bad_data`` skips):
+  a label of ``label_columns`` that is not a finite number and, with
+  ``check_files``, an image file that is missing, not a decodable JPEG / PNG /
+  BMP / GIF / WEBP, or greyscale among colour images. Only the rows of
+  ``split`` are checked. Label columns are float32; other columns float32 when
+  every value is a number (empty -> NaN), else strings.
+  """
   root = Path(root).expanduser().absolute()
   images_dir, csv_path = root / 'images', root / 'labels.csv'
   for path in (root, images_dir):
@@ -123,13 +180,16 @@ def read_folder(root, split=None, *, label_columns=(), check_files=True) -> Exam
 
   for i in keep:
     check_relative(rows[i]['filename'], f'{csv_path}: line {lines[i]}')
-    for column in label_columns:
-      _check_label(csv_path, lines[i], column, rows[i][column])
+  good = bad_data.screen(str(csv_path), 'bad label value(s)', [f'line {lines[i]}' for i in keep],
+                         [_label_problem(rows[i], label_columns) for i in keep])
+  keep = [i for i, ok in zip(keep, good) if ok]
 
   # Types are inferred on all rows so a column has the same dtype in every split.
-  labels = {c: _column_array([row[c] for row in rows])[list(keep)]
-            for c in columns if c != 'filename'}
+  labels = {c: _column_array([row[c] for row in rows])[keep]
+            for c in columns if c != 'filename' and c not in label_columns}
+  labels.update({c: np.asarray([float(rows[i][c]) for i in keep], np.float32)
+                 for c in label_columns})
+  labels = {c: labels[c] for c in columns if c in labels}  # csv column order
   paths = tuple(str(images_dir / rows[i]['filename']) for i in keep)
-  if check_files:
-    check_files_exist(paths, str(csv_path))
-  return Examples(root.name, paths, labels)
+  examples = Examples(root.name, paths, labels, np.asarray(keep, int))
+  return screen_files(examples, csv_path) if check_files else examples

@@ -96,12 +96,20 @@ def _resize(image, size):
   return _like(resized, image.dtype)
 
 
+def decode_rgb(data):
+  """Encoded image bytes -> uint8 [H, W, 3], as every pipeline decodes (and validates) them.
+
+  channels=3 turns greyscale into RGB so every dataset has the same shape; an
+  animation gives its first frame.
+  """
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  return tf.ensure_shape(image, [None, None, 3])
+
+
 @register('decode')
 def get_decode():
   def decode(features):
-    # channels=3 turns greyscale into RGB so every dataset has the same shape.
-    image = tf.io.decode_image(features['image'], channels=3, expand_animations=False)
-    features['image'] = tf.ensure_shape(image, [None, None, 3])
+    features['image'] = decode_rgb(features['image'])
     return features
   return decode
 

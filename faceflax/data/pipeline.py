@@ -7,41 +7,24 @@ seeded by (seed, epoch) and augments each example with a seed derived from
 which makes resuming at any step exact and cheap.
 """
 
-import concurrent.futures
-
 import numpy as np
-from PIL import Image
 import tensorflow as tf
 
-from faceflax.data import ops  # Also hides GPUs from TensorFlow.
+from faceflax.data import images, ops  # ops also hides GPUs from TensorFlow.
 from faceflax.data.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
-_TF_FORMATS = ('JPEG', 'PNG', 'BMP', 'GIF', 'WEBP')  # What tf.io.decode_image reads.
 _RESERVED_KEYS = ('image', 'image_lq', 'mask', 'rng', '_index', '_epoch')
-_MAX_LISTED = 5
 
 
-def _image_problem(path):
-  """None if `path` is an image tf can decode, else what is wrong with it."""
-  try:
-    with Image.open(path) as image:
-      if image.format not in _TF_FORMATS:
-        return f'unsupported format {image.format}'
-      image.draft('RGB', (16, 16))  # JPEG: decode at 1/8 scale, still reads all data.
-      image.load()
-  except Exception as e:  # pylint: disable=broad-except  # PIL raises many types.
-    return f'{type(e).__name__}: {e}'
-  return None
+def validate_images(paths):
+  """Raises DataError naming every file that is missing or does not decode.
 
-
-def validate_images(paths, num_threads=4):
-  """Raises DataError naming the unreadable files: tf.data errors cannot name them."""
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    problems = [(p, why) for p, why in zip(paths, pool.map(_image_problem, paths)) if why]
-  if problems:
-    shown = '; '.join(f'{p} ({why})' for p, why in problems[:_MAX_LISTED])
-    raise DataError(f'{len(problems)} unreadable image(s), e.g. {shown}')
+  tf.data errors cannot name the file. Readers already screened their examples
+  (``images.screen``, cached), so this is a cheap last guard; it never skips,
+  since dropping rows here would misalign predictions with their labels.
+  """
+  images.screen(paths, 'input pipeline', skippable=False, colour_set=False)
 
 
 def _columns(paths, labels):

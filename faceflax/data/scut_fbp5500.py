@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, check_files_exist, check_relative
+from faceflax.data.folder import Examples, check_relative, screen_files
 
 PROTOCOLS = ('60_40', 'cv1', 'cv2', 'cv3', 'cv4', 'cv5')
 SPLITS = ('train', 'test')
@@ -94,6 +94,5 @@ def read_official(root, split='train', protocol='60_40') -> Examples:
   entries = _parse_list(list_path)
   images_dir = _images_dir(root)
   paths = tuple(str(images_dir / filename) for filename, _ in entries)
-  check_files_exist(paths, str(list_path))
   scores = np.asarray([score for _, score in entries], np.float32)
-  return Examples('scut_fbp5500', paths, {'score': scores})
+  return screen_files(Examples('scut_fbp5500', paths, {'score': scores}), list_path)

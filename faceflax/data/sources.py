@@ -5,11 +5,12 @@ from pathlib import Path
 
 from absl import logging
 
-from faceflax.data import scut_fbp5500
+from faceflax.data import images, scut_fbp5500
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, read_folder
+from faceflax.data.folder import Examples, drop_bad_rows, read_folder
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+SCORE_RANGE = (1.0, 5.0)  # Beauty scores (SCUT-FBP5500's raters), the models' score_range.
 
 
 def _existing_dir(data_dir):
@@ -20,17 +21,28 @@ def _existing_dir(data_dir):
 
 
 def load_examples(data_dir, split, *, label_columns=(), protocol='60_40') -> Examples:
-  """Reads `split` of an official SCUT-FBP5500 download or a folder-format dataset."""
+  """Reads `split` of an official SCUT-FBP5500 download or a folder-format dataset.
+
+  A 'score' outside SCORE_RANGE is a bad example: the score head's bins span
+  only that range, so such a label cannot be learnt.
+  """
   root = _existing_dir(data_dir)
   if scut_fbp5500.is_official_layout(root):
     unknown = set(label_columns) - {'score'}
     if unknown:
       raise DataError(f'{root}: the official SCUT-FBP5500 lists only have "score", '
                       f'not {sorted(unknown)}')
-    return scut_fbp5500.read_official(root, split, protocol)
-  if protocol != '60_40':
-    logging.warning('protocol=%r ignored: %s is in folder format.', protocol, root)
-  return read_folder(root, split, label_columns=label_columns)
+    examples = scut_fbp5500.read_official(root, split, protocol)
+  else:
+    if protocol != '60_40':
+      logging.warning('protocol=%r ignored: %s is in folder format.', protocol, root)
+    examples = read_folder(root, split, label_columns=label_columns)
+  if 'score' not in label_columns:
+    return examples
+  lo, hi = SCORE_RANGE
+  score = examples.labels['score']
+  return drop_bad_rows(examples, [None if lo <= v <= hi else f'score {v:g}' for v in score],
+                       root, f'score(s) outside {lo:g}..{hi:g}')
 
 
 def _is_folder_format(root):
@@ -64,6 +76,7 @@ def list_unlabeled_images(dirs) -> tuple[str, ...]:
       found = list(examples.paths)
     else:
       found = _images_under(root)
+      found = [p for p, ok in zip(found, images.screen(found, str(root))) if ok]
     if not found:
       raise DataError(f'{root}: no images found')
     paths += found

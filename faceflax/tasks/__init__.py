@@ -1,7 +1,9 @@
 """Methods, chosen by name from ``config.task``; each module has its stages and steps.
 
-A task module exposes ``train_and_evaluate(config, workdir)`` and
-``evaluate(config, workdir)``.
+A task module exposes ``check_config(config)`` (inconsistent settings, raised
+before any data is read or step compiled), ``train_and_evaluate(config, workdir)``
+and ``evaluate(config, workdir)``; ``check_data(config, workdir)``, where a task
+would otherwise read a split only after training, reads every split first.
 """
 import importlib
 

@@ -26,7 +26,7 @@ from clu import metric_writers
 from faceflax import losses, metrics
 from faceflax.data import age_datasets, pipeline
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, read_folder
+from faceflax.data.folder import Examples, drop_bad_rows, read_folder
 from faceflax.models import resnet_msa
 from faceflax.train import evaluation, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
@@ -93,31 +93,46 @@ def predicted_age(out: dict, kind: str) -> jax.Array:
 
 # ----------------------------------------------------------------------------- data
 
-def _class_labels(examples: Examples, column: str, num: int, where: str) -> np.ndarray:
-  """A folder-format class column as int32, empty or -1 = unknown (-1); absent = all unknown."""
+def _class_problem(value, column: str, num: int) -> str | None:
+  """None for a class code in -1..num-1 or an empty value (unknown), else what is wrong."""
+  number = value
+  if isinstance(value, str):
+    if not value.strip():
+      return None
+    try:
+      number = float(value)
+    except ValueError:
+      number = None
+  if number is not None and np.isnan(number):
+    return None
+  if number is not None and np.isfinite(number) and number == round(number) and -1 <= number < num:
+    return None
+  shown = repr(value) if isinstance(value, str) else f'{value:g}'
+  return (f'column {column!r} must hold integer codes 0..{num - 1} (empty or -1 = unknown), '
+          f'got {shown}')
+
+
+def _class_codes(examples: Examples, column: str) -> np.ndarray:
+  """A checked class column as int32, empty or -1 = unknown (-1); absent = all unknown."""
   if column not in examples.labels:
     return np.full(len(examples), age_datasets.UNKNOWN, np.int32)
-  values = examples.labels[column]
-  if values.dtype == object:
-    raise DataError(f'{where}: column {column!r} must hold integer codes 0..{num - 1} '
-                    f'(empty or -1 = unknown), got e.g. {values[0]!r}')
-  values = np.where(np.isnan(values), age_datasets.UNKNOWN, values)
-  bad = (values != np.round(values)) | (values < -1) | (values >= num)
-  if bad.any():
-    raise DataError(f'{where}: column {column!r} has {int(bad.sum())} value(s) outside '
-                    f'-1..{num - 1}, e.g. {values[bad][:3].tolist()} at '
-                    f'{[os.path.basename(p) for p in np.asarray(examples.paths)[bad][:3]]}')
-  return values.astype(np.int32)
+  values = [float(v) if not isinstance(v, str) or v.strip() else np.nan
+            for v in examples.labels[column]]
+  return np.nan_to_num(np.asarray(values, np.float64), nan=age_datasets.UNKNOWN).astype(np.int32)
 
 
 def _read_folder(data_dir, split) -> Examples:
   examples = read_folder(data_dir, split, label_columns=('age',))
   where = os.path.join(data_dir, 'labels.csv')
-  num_groups = len(age_datasets.ADIENCE_GROUPS)
+  classes = {**CLASS_HEADS, 'age_group': len(age_datasets.ADIENCE_GROUPS)}
+  for column, num in classes.items():
+    if column in examples.labels:
+      examples = drop_bad_rows(
+          examples, [_class_problem(v, column, num) for v in examples.labels[column]], where,
+          f'bad {column} code(s)')
   labels = {'age': examples.labels['age'].astype(np.float32),
-            **{c: _class_labels(examples, c, n, where)
-               for c, n in (*CLASS_HEADS.items(), ('age_group', num_groups))}}
-  return Examples(examples.name, examples.paths, labels)
+            **{c: _class_codes(examples, c) for c in classes}}
+  return Examples(examples.name, examples.paths, labels, examples.rows)
 
 
 def load_examples(config, split: str) -> Examples:
@@ -147,13 +162,11 @@ def load_examples(config, split: str) -> Examples:
   if skipped:
     logging.warning('%s: skipped %d unusable entries, e.g. %s', d.dir, len(skipped),
                     '; '.join(skipped[:3]))
+  max_age = config.model.max_age
+  examples = drop_bad_rows(
+      examples, [None if 0 <= a <= max_age else f'age {a:g}' for a in examples.labels['age']],
+      f'{d.dir} split {split!r}', f'age(s) outside 0..{max_age} (model.max_age)')
   ages = examples.labels['age']
-  bad = (ages < 0) | (ages > config.model.max_age)
-  if bad.any():
-    raise DataError(f'{d.dir} split {split!r}: {int(bad.sum())} age(s) outside '
-                    f'0..{config.model.max_age} (model.max_age), e.g. '
-                    f'{os.path.basename(examples.paths[int(np.argmax(bad))])}: '
-                    f'{ages[bad][0]:g}')
   logging.info('%s split %r: %d faces, ages %g..%g', d.dir, split, len(examples), ages.min(),
                ages.max())
   return examples
@@ -347,7 +360,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
   log_results(results, job.writer)
-  stages_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  stages_lib.write_results(os.path.join(workdir, 'results.json'), results)
   return results
 
 
@@ -359,7 +372,7 @@ def evaluate(config, workdir: str) -> dict:
   results = job.evaluate_on(examples, config.eval.split)
   name = os.path.basename(os.path.normpath(config.data.dir))
   log_results(results, None)
-  stages_lib.write_json(os.path.join(workdir, f'eval_{name}.json'), results)
+  stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
 
 

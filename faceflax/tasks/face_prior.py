@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from faceflax import losses
+from faceflax import config_checks, losses
 from faceflax.data import face_regions, pipeline
 from faceflax.data.errors import DataError
 from faceflax.data.folder import read_folder
@@ -55,9 +55,7 @@ def check_config(config) -> None:
   weights = {t: p[f'{t}_weight'] for t in TERMS}
   if any(w < 0 for w in weights.values()) or not any(weights.values()):
     raise ValueError(f'prior weights {weights}: need >= 0 and at least one > 0')
-  if config.data.image_size % config.model.patch:
-    raise ValueError(f'data.image_size={config.data.image_size} is not divisible by '
-                     f'model.patch={config.model.patch}')
+  config_checks.check_mae(make_model(config), 'model')
   if not 0 < p.membership_threshold <= 1:
     raise ValueError(f'prior.membership_threshold={p.membership_threshold}: must be in (0, 1]')
   stages_lib.parse(config.stages, STAGES)
@@ -244,6 +242,16 @@ class Job(stages_lib.StageStates):
     return results
 
 
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) the pretraining and evaluation faces before anything trains."""
+  del workdir
+  names = stages_lib.parse(config.stages, STAGES)
+  if 'pretrain' in names:
+    load_faces(config, config.data.train_split)
+  if 'evaluate' in names:
+    load_faces(config, config.data.eval_split)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   start = time.perf_counter()
   check_config(config)
@@ -258,7 +266,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
   log_results(results, job.writer)
-  stages_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  stages_lib.write_results(os.path.join(workdir, 'results.json'), results)
   return results
 
 
@@ -268,7 +276,7 @@ def evaluate(config, workdir: str) -> dict:
   job = Job(stages_lib.restore_only(config), workdir)  # load, never train
   results = job.evaluate_on(config.eval.split)
   log_results(results, None)
-  stages_lib.write_json(os.path.join(workdir, f'eval_{config.eval.split}.json'), results)
+  stages_lib.write_results(os.path.join(workdir, f'eval_{config.eval.split}.json'), results)
   return results
 
 

@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from faceflax import distributed, losses, metrics
+from faceflax import config_checks, distributed, losses, metrics
 from faceflax.data import pipeline, sources, synthetic
 from faceflax.models import mae
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
@@ -312,6 +312,42 @@ def parse_stages(config) -> list[str]:
   return stages_lib.parse(config.stages, STAGES)
 
 
+def check_config(config) -> None:
+  """Inconsistent settings, before any data is read or step compiled (``app.run`` calls it)."""
+  parse_stages(config)
+  teacher, student = (make_model(config[who].model, config.data.image_size)
+                      for who in ('teacher', 'student'))
+  config_checks.check_mae(teacher, 'teacher.model')
+  config_checks.check_mae(student, 'student.model')
+  if student.width > teacher.width or student.depth > teacher.depth:
+    raise ValueError(f'student.model (width {student.width}, depth {student.depth}) must be no '
+                     f'wider and no deeper than teacher.model (width {teacher.width}, depth '
+                     f'{teacher.depth}): the student is the distilled, smaller model')
+  kd = config.student.kd
+  pairs = [p.split(':') for p in kd.feature_pairs.split(',') if p.strip()]
+  for pair in pairs:
+    if not (len(pair) == 2 and all(i.strip().lstrip('-').isdigit() for i in pair)
+            and -student.depth <= int(pair[0]) < student.depth
+            and -teacher.depth <= int(pair[1]) < teacher.depth):
+      raise ValueError(f'student.kd.feature_pairs={kd.feature_pairs!r}: {":".join(pair)!r} is not '
+                       f'student_block:teacher_block with blocks in -{student.depth}.. '
+                       f'{student.depth - 1} and -{teacher.depth}..{teacher.depth - 1}')
+  if kd.beta and pairs and student.grid % teacher.grid:
+    raise ValueError(f'feature KD needs the student token grid ({student.grid}x{student.grid}) '
+                     f'to be a multiple of the teacher grid ({teacher.grid}x{teacher.grid}); '
+                     'check the models\' patch sizes')
+
+
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) every split the listed stages use, before the first one trains."""
+  names, kd = parse_stages(config), config.student.kd
+  labeled_examples(config, config.data.train_split, workdir)
+  if 'evaluate' in names:
+    labeled_examples(config, config.data.eval_split, workdir)
+  if {'teacher_pretrain', 'student_pretrain'} & set(names) or kd.unlabeled_batch_size:
+    unlabeled_paths(config, workdir)
+
+
 class Job:
   """Builds each stage lazily; a stage's inputs come from earlier stages' checkpoints."""
 
@@ -434,7 +470,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
   _log_results(job.writer, results)
-  stages_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  stages_lib.write_results(os.path.join(workdir, 'results.json'), results)
   return results
 
 
@@ -447,7 +483,7 @@ def evaluate(config, workdir: str) -> dict:
   results = score_models(job.models(require_all=False), examples, config, job.mesh)
   name = os.path.basename(os.path.normpath(config.data.dir))
   results['data'] = {'dir': config.data.dir, 'split': config.eval.split, 'n': len(examples)}
-  stages_lib.write_json(os.path.join(workdir, f'eval_{name}.json'), results)
+  stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   _log_results(None, results)
   return results
 

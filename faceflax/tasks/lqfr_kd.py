@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from faceflax import distributed, losses, metrics
 from faceflax.data import pairs as pairs_lib, pipeline, synthetic
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, read_folder
+from faceflax.data.folder import Examples, load_array, read_folder
 from faceflax.models import heads, resnext_cbam
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
@@ -90,8 +90,8 @@ def train_set(config) -> TrainSet:
     keep &= ~noisy
   if not keep.any():
     raise DataError(f'{d.dir}: no training rows (split {d.train_split!r})')
-  rows = np.flatnonzero(keep)
-  examples = everything.select(rows)
+  examples = everything.select(keep)
+  rows = examples.rows  # labels.csv rows, even when bad rows were skipped
   classes, labels = np.unique(examples.labels[d.identity_column], return_inverse=True)
   logging.info('training identities: %d, images: %d', len(classes), len(examples))
   return TrainSet(examples, labels.astype(np.int32), len(classes), rows)
@@ -102,7 +102,7 @@ def external_embeddings(config, ts: TrainSet) -> np.ndarray:
   path = os.path.join(config.data.dir, config.data.external_teacher)
   if not os.path.isfile(path):
     raise DataError(f'student_external needs the teacher embeddings {path}: no such file')
-  emb = np.load(path, allow_pickle=False)  # plain arrays only: never unpickle data files
+  emb = load_array(path)
   num_rows = len(read_folder(config.data.dir, check_files=False))
   if emb.ndim != 2 or emb.shape[0] != num_rows:
     raise DataError(f'{path}: shape {emb.shape}, expected ({num_rows}, dim): one row per '
@@ -116,7 +116,7 @@ def external_dim(config) -> int:
   path = os.path.join(config.data.dir, config.data.external_teacher)
   if not os.path.isfile(path):
     raise DataError(f'student_external needs the teacher embeddings {path}: no such file')
-  return int(np.load(path, mmap_mode='r').shape[1])
+  return int(load_array(path, mmap_mode='r').shape[1])
 
 
 def cache_pp(config) -> str:
@@ -179,12 +179,7 @@ def student_stage(name, student, teacher, config, ts: TrainSet, teacher_vars,
   cfg, arc, kd, size = config.student.train, config.student.arcface, config.student.kd, config.data.image_size
   alpha = kd.alpha if use_output else 0.0
   beta = kd.beta if use_attention else 0.0
-  maps = [m.strip() for m in kd.maps.split(',') if m.strip()]
-  unknown = set(maps) - {'channel', 'spatial'}
-  if unknown:
-    raise ValueError(f'student.kd.maps: unknown map kind(s) {sorted(unknown)}; known: channel, spatial')
-  if alpha and not use_external and kd.output not in ('embedding', 'logits'):
-    raise ValueError(f"student.kd.output={kd.output!r}: expected 'embedding' or 'logits'")
+  maps = [m.strip() for m in kd.maps.split(',') if m.strip()]  # check_config checked them
   s_dim = student.backbone.embed_dim
   target_dim = (external.shape[1] if use_external
                 else teacher.backbone.embed_dim if alpha and kd.output == 'embedding' else s_dim)
@@ -239,6 +234,32 @@ def student_stage(name, student, teacher, config, ts: TrainSet, teacher_vars,
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+def check_config(config) -> None:
+  """Inconsistent settings, before any data is read or step compiled (``app.run`` calls it)."""
+  names = stages_lib.parse(config.stages, STAGES)
+  kd = config.student.kd
+  unknown = {m.strip() for m in kd.maps.split(',') if m.strip()} - {'channel', 'spatial'}
+  if unknown:
+    raise ValueError(f'student.kd.maps: unknown map kind(s) {sorted(unknown)}; known: channel, spatial')
+  if kd.output not in ('embedding', 'logits'):
+    raise ValueError(f"student.kd.output={kd.output!r}: expected 'embedding' or 'logits'")
+  qualities(config)
+  if not 0 < config.eval.far < 1 or config.eval.num_folds < 2:
+    raise ValueError(f'eval.far={config.eval.far} must be in (0, 1) and eval.num_folds='
+                     f'{config.eval.num_folds} >= 2')
+  teacher, student = (resnext_cbam.make(**config[who].model.to_dict()) for who in ('teacher', 'student'))
+  if len(student.stage_sizes) != len(teacher.stage_sizes) or any(
+      s > t for s, t in zip(student.stage_sizes, teacher.stage_sizes)):
+    raise ValueError(f'student.model (blocks {tuple(student.stage_sizes)}) must be no deeper than '
+                     f'teacher.model (blocks {tuple(teacher.stage_sizes)}), with as many stages')
+  if kd.beta and any(STUDENT_VARIANTS[n[len('student_'):]][1] for n in names
+                     if n.startswith('student_')) and (
+      student.stage_widths() != teacher.stage_widths() or student.stem_stride != teacher.stem_stride):
+    raise ValueError(f'attention KD compares the stages\' attention maps: student.model widths '
+                     f'{student.stage_widths()} (stem stride {student.stem_stride}) must equal '
+                     f'teacher.model\'s {teacher.stage_widths()} (stem stride {teacher.stem_stride})')
+
 
 def qualities(config) -> list[str]:
   out = [q.strip() for q in config.eval.qualities.split(',') if q.strip()]
@@ -315,7 +336,7 @@ def external_reference(config, paths, pairs) -> dict | None:
   row = {p: i for i, p in enumerate(everything.paths)}
   if not all(p in row for p in paths):
     return None
-  emb = np.load(path, allow_pickle=False)[[row[p] for p in paths]].astype(np.float64)
+  emb = load_array(path)[[row[p] for p in paths]].astype(np.float64)
   emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
   return verification_table({'hq': emb}, pairs, config)
 
@@ -335,6 +356,7 @@ class Job(stages_lib.StageStates):
   known_stages = STAGES
 
   def __init__(self, config, workdir):
+    check_config(config)
     self.config, self.workdir = config, workdir
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     self.writer = metric_writers.create_default_writer(
@@ -424,6 +446,17 @@ def with_data_dir(config, workdir: str):
   return config
 
 
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) the training rows and the verification pairs before anything trains."""
+  names = stages_lib.parse(config.stages, STAGES)
+  config = with_data_dir(config, workdir)
+  ts = train_set(config)
+  if 'student_external' in names:
+    external_embeddings(config, ts)
+  if 'evaluate' in names:
+    eval_pairs(config)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   start = time.perf_counter()
   names = stages_lib.parse(config.stages, STAGES)
@@ -440,7 +473,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
   log_table(results, job.writer)
-  stages_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  stages_lib.write_results(os.path.join(workdir, 'results.json'), results)
   return results
 
 
@@ -454,7 +487,7 @@ def evaluate(config, workdir: str) -> dict:
   results = job.score(job.trained_models(names, require_all=False))
   name = os.path.basename(os.path.normpath(config.data.dir))
   log_table(results, None)
-  stages_lib.write_json(os.path.join(workdir, f'eval_{name}.json'), results)
+  stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
 
 

@@ -33,10 +33,10 @@ from absl import logging
 from clu import metric_writers
 from flax import traverse_util
 
-from faceflax import metrics
+from faceflax import config_checks, metrics
 from faceflax.data import pipeline
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, read_folder
+from faceflax.data.folder import Examples, drop_bad_rows, read_folder
 from faceflax.models import mae
 from faceflax.tasks import fbp_kd
 from faceflax.train import checkpoint, evaluation, loop, mesh as mesh_lib, optim, precision
@@ -93,6 +93,7 @@ def check_config(config) -> None:
     raise ValueError(f'fewshot.seeds={config.fewshot.seeds}: must be >= 1')
   if config.backbone.workdir and not config.backbone.stage:
     raise ValueError('backbone.workdir is set but backbone.stage is empty')
+  config_checks.check_mae(make_backbone(config), 'backbone.model')
 
 
 # ----------------------------------------------------------------------------- data
@@ -127,18 +128,23 @@ def attribute_columns(examples: Examples) -> tuple[str, ...]:
                and np.isin(v, (-1, 1)).all())
 
 
-def _targets(spec: TaskSpec, examples: Examples, columns, where: str) -> np.ndarray:
+def known_classes(spec: TaskSpec, examples: Examples, where: str) -> Examples:
+  """A classification task's examples whose class is one of 0..num_classes-1 (unknown: bad examples)."""
+  if spec.kind != 'classification':
+    return examples
+  column, n = spec.columns[0], spec.num_classes
+  whys = [None if v == round(v) and 0 <= v < n else f'column {column!r}: {v:g}'
+          for v in examples.labels[column]]
+  return drop_bad_rows(examples, whys, where, f'unknown class(es), not in 0..{n - 1}')
+
+
+def _targets(spec: TaskSpec, examples: Examples, columns) -> np.ndarray:
   values = np.stack([examples.labels[c] for c in columns], axis=1).astype(np.float64)
   if spec.kind == 'regression':
     return values[:, 0].astype(np.float32)
   if spec.kind == 'multilabel':
     return (values > 0).astype(np.float32)  # +1/-1 -> 1/0
-  labels = values[:, 0]
-  bad = (labels != np.round(labels)) | (labels < 0) | (labels >= spec.num_classes)
-  if bad.any():
-    raise DataError(f'{where}: column {columns[0]!r} needs classes 0..{spec.num_classes - 1}, '
-                    f'got {labels[bad][:3].tolist()}')
-  return labels.astype(np.int32)
+  return values[:, 0].astype(np.int32)  # known_classes checked them
 
 
 def _subset(examples: Examples, limit: int, seed: int) -> Examples:
@@ -152,14 +158,14 @@ def load_task(config, name: str) -> TaskData:
   spec, d = TASKS[name], config.data
   root = task_dir(config, name)
   where = os.path.join(root, 'labels.csv')
-  train = read_folder(root, d.train_split, label_columns=spec.columns)
+  train = known_classes(spec, read_folder(root, d.train_split, label_columns=spec.columns), where)
   columns = spec.columns or attribute_columns(train)
   if not columns:
     raise DataError(f'{where}: task {name!r} found no +1/-1 attribute columns')
-  val = read_folder(root, d.eval_split, label_columns=columns)
+  val = known_classes(spec, read_folder(root, d.eval_split, label_columns=columns), where)
   train, val = _subset(train, d.max_train, config.seed), _subset(val, d.max_val, config.seed)
-  data = TaskData(name, spec, root, columns, train, val, _targets(spec, train, columns, where),
-                  _targets(spec, val, columns, where))
+  data = TaskData(name, spec, root, columns, train, val, _targets(spec, train, columns),
+                  _targets(spec, val, columns))
   logging.info('%s: %s, %d train / %d val faces, %d label column(s) (%s)', name, root,
                len(train), len(val), len(columns), spec.kind)
   return data
@@ -615,7 +621,7 @@ def run(config, workdir: str, train: bool, filename: str) -> dict:
     results[task] = job.run_task(task, seconds)
     results.update(backbone=job.backbone,
                    seconds={**seconds, 'total_this_run': time.perf_counter() - start})
-    stages_lib.write_json(os.path.join(workdir, filename), results)
+    stages_lib.write_results(os.path.join(workdir, filename), results)
   table = results_table(results, job.tasks, job.protocols)
   logging.info('transfer benchmark (%s):\n%s', describe_backbone(job.backbone), table)
   if jax.process_index() == 0:
@@ -623,6 +629,13 @@ def run(config, workdir: str, train: bool, filename: str) -> dict:
       f.write(f'Backbone: {describe_backbone(job.backbone)}\n\n{table}\n')
   _write_scalars(job.writer, results, job.tasks)
   return results
+
+
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) every task's train and val split before the first task runs."""
+  del workdir
+  for name in parse_names(config.tasks, list(TASKS), 'tasks'):
+    load_task(config, name)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -7,6 +7,14 @@ along the mesh's data axis, ``rng = fold_in(seed, step)`` so a resumed run
 draws the same randomness, periodic log lines (loss, img/s, ETA), TensorBoard
 scalars, ``<stage>/metrics.jsonl`` and Orbax checkpoints.
 
+Failures (README "Failure behaviour"): the stage folder is checked for writing
+and free space before compiling; a step whose loss, gradients or new parameters
+are not finite stops the run naming the step and the terms
+(``train.on_nonfinite='stop'``, the default) or leaves the state unchanged
+(``'skip'``, reported per step); a checkpoint is saved only when the parameters
+are finite, and pending saves complete even when the run fails, so the last
+good checkpoint is kept.
+
 Scale-out (issue 6): the state is sharded by ``mesh_lib.state_shardings``
 (replicated, or parameters split over the mesh's 'model' axis when the stage
 gives their logical axes); ``config.grad_accum_steps`` micro-batches make one
@@ -26,10 +34,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from faceflax.train import checkpoint, mesh as mesh_lib, preemption
+from faceflax.train import checkpoint, files, mesh as mesh_lib, preemption, state as state_lib
 from faceflax.train.preemption import Preempted  # pylint: disable=unused-import  # re-exported
 
 State = dict  # {'params': ..., 'opt_state': ..., 'step': int32 scalar}
+ON_NONFINITE = ('stop', 'skip')
+_params_finite = jax.jit(state_lib.all_finite)
 
 
 @dataclasses.dataclass
@@ -59,7 +69,7 @@ def is_done(workdir: str, name: str) -> bool:
 
 
 def compile_update(stage: Stage, mesh, example_batch: dict, abstract_state,
-                   grad_accum_steps: int = 1):
+                   grad_accum_steps: int = 1, on_nonfinite: str = 'stop'):
   """jit with explicit shardings; returns (compiled, seconds)."""
   repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
   state_sh = mesh_lib.state_shardings(abstract_state, mesh, stage.param_axes, stage.tx)
@@ -67,6 +77,8 @@ def compile_update(stage: Stage, mesh, example_batch: dict, abstract_state,
   update = stage.update_fn
   if grad_accum_steps > 1:
     update = functools.partial(update, grad_accum_steps=grad_accum_steps)
+  if on_nonfinite == 'skip':
+    update = functools.partial(update, skip_nonfinite=True)
   jitted = jax.jit(update, donate_argnums=(0,),
                    in_shardings=(state_sh, batch_sh, repl) + (repl,) * len(stage.consts),
                    out_shardings=(state_sh, repl))
@@ -82,12 +94,40 @@ def _check_accumulation(stage: Stage, accum: int, mesh) -> None:
                      f'{mesh_lib.data_size(mesh)} data-parallel devices')
 
 
-def _check_finite(metrics: dict, step: int, stage: str):
-  bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
-  if bad:
-    raise FloatingPointError(
-        f'stage {stage}: non-finite {", ".join(bad)} at step {step}; '
-        'the last good checkpoint is kept (lower the learning rate or check the data)')
+def _nonfinite_error(stage: str, step: int, what: str, mngr) -> FloatingPointError:
+  kept = mngr.latest_step()
+  kept = f'step {kept} in {mngr.directory}' if kept is not None else 'none saved yet'
+  return FloatingPointError(
+      f'stage {stage}: non-finite {what} at step {step}; stopped, the last good checkpoint '
+      f'is kept ({kept}). Lower the learning rate or check the data; '
+      "--config.train.on_nonfinite=skip skips such steps instead.")
+
+
+def _term_order(key: str):
+  return key != 'loss', key == 'grad_norm', key  # the loss, its terms, then the gradient
+
+
+def _check_steps(history, stage: str, on_nonfinite: str, mngr) -> tuple[dict, list[int]]:
+  """Means of the metrics of ``history`` ([(step, host metrics)]) and the steps skipped.
+
+  A step with a non-finite metric (the loss, one of its terms, the gradient
+  norm) stops the run, unless ``on_nonfinite='skip'`` and the update skipped it.
+  """
+  skipped, kept = [], []
+  for step, metrics in history:
+    bad = [f'{k}={float(np.mean(metrics[k]))}' for k in sorted(metrics, key=_term_order)
+           if k != 'skipped' and not np.all(np.isfinite(metrics[k]))]
+    if on_nonfinite == 'skip' and metrics.get('skipped'):
+      logging.warning('%s: step %d skipped (train.on_nonfinite=skip): non-finite loss or '
+                      'gradients (%s); parameters unchanged', stage, step,
+                      ', '.join(bad) or 'non-finite updated parameters')
+      skipped.append(step)
+    elif bad:
+      raise _nonfinite_error(stage, step, ', '.join(bad), mngr)
+    else:
+      kept.append(metrics)
+  keys = [k for k in history[0][1] if k != 'skipped']
+  return {k: float(np.mean([m[k] for m in kept])) for k in keys} if kept else {}, skipped
 
 
 def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
@@ -99,15 +139,23 @@ def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
   mesh_lib.check_batch_size(stage.batch_size, f'{stage.name} batch size', mesh)
   accum = int(config.get('grad_accum_steps', 1))
   _check_accumulation(stage, accum, mesh)
+  on_nonfinite = config.get('on_nonfinite', 'stop')
+  if on_nonfinite not in ON_NONFINITE:
+    raise ValueError(f'train.on_nonfinite={on_nonfinite!r}: expected one of {ON_NONFINITE}')
   seed_rng = jax.random.key(config.seed)
   shapes = jax.eval_shape(stage.init_fn, seed_rng)
   shardings = mesh_lib.state_shardings(shapes, mesh, stage.param_axes, stage.tx)
   init = jax.jit(stage.init_fn, out_shardings=shardings)
   abstract_state = checkpoint.abstract(shapes, shardings)
 
+  files.check_writable(stage_dir, need_bytes=checkpoint.state_bytes(shapes))
   mngr = checkpoint.manager(os.path.join(stage_dir, 'ckpt'),
                             save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-  step, state = checkpoint.restore_latest(mngr, abstract_state)
+  try:
+    step, state = checkpoint.restore_latest(mngr, abstract_state, move_unreadable=True)
+  except BaseException:
+    mngr.close()
+    raise
   if state is None:
     step, state = 0, init(seed_rng)
   else:
@@ -119,47 +167,60 @@ def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
 
   with preemption.Watcher() as watcher:
     t_start = time.perf_counter()
-    state, step, compile_s = _train(stage, state, step, stage_dir, config, mesh, writer, mngr,
-                                    watcher, accum, abstract_state, seed_rng)
-    mngr.wait_until_finished()  # Orbax saves are async: finish before declaring anything
-    mngr.close()
+    try:
+      state, step, compile_s, skipped = _train(
+          stage, state, step, stage_dir, config, mesh, writer, mngr, watcher, accum,
+          abstract_state, seed_rng, on_nonfinite)
+    except BaseException:
+      _finish_after_error(mngr)
+      raise
+    checkpoint.finish(mngr)  # Orbax saves are async: finish before declaring anything
     writer.flush()
     if step < stage.num_steps:
       raise Preempted(stage.name, step)
     seconds = time.perf_counter() - t_start
     if jax.process_index() == 0:
-      with open(done_marker(workdir, stage.name), 'w') as f:
-        json.dump({'steps': stage.num_steps, 'seconds': seconds, 'compile_seconds': compile_s}, f)
+      files.write_json(done_marker(workdir, stage.name),
+                       {'steps': stage.num_steps, 'seconds': seconds, 'compile_seconds': compile_s,
+                        **({'skipped_steps': skipped} if on_nonfinite == 'skip' else {})})
     logging.info('%s: done in %s', stage.name, _fmt_time(seconds))
     if watcher.requested:  # the signal came during the last step: finish, then stop
       raise Preempted(stage.name, step)
   return state
 
 
+def _finish_after_error(mngr) -> None:
+  """Completes the saves already started (the last good checkpoint) while an error propagates."""
+  try:
+    checkpoint.finish(mngr)
+  except checkpoint.CheckpointError as e:
+    logging.error('%s', e)
+
+
 def _train(stage, state, step, stage_dir, config, mesh, writer, mngr, watcher, accum,
-           abstract_state, seed_rng):
-  """The step loop; returns (state, step reached, compile seconds)."""
+           abstract_state, seed_rng, on_nonfinite):
+  """The step loop; returns (state, step reached, compile seconds, skipped steps)."""
   batches = stage.batches(start_step=step)
   batch = mesh_lib.put_batch(next(batches), mesh)
-  update, compile_s = compile_update(stage, mesh, batch, abstract_state, accum)
+  update, compile_s = compile_update(stage, mesh, batch, abstract_state, accum, on_nonfinite)
   logging.info('%s: compiled the update in %.1fs; training steps %d..%d%s',
                stage.name, compile_s, step, stage.num_steps,
                f' ({accum} micro-batches per step)' if accum > 1 else '')
   stage_rng = jax.random.fold_in(seed_rng, zlib.crc32(stage.name.encode()) % (2 ** 31))
 
-  t_last, last_step, history = time.perf_counter(), step, []
+  t_last, last_step, history, skipped = time.perf_counter(), step, [], []
   while step < stage.num_steps:
     state, metrics = update(state, batch, jax.random.fold_in(stage_rng, step), *stage.consts)
     step += 1
-    history.append(metrics)
+    history.append((step, metrics))
     stop = watcher.should_stop(step)
     if step < stage.num_steps and not stop:
       batch = mesh_lib.put_batch(next(batches), mesh)  # overlaps with the async step
     is_log = step % config.log_every == 0 or step == stage.num_steps
     is_save = step % config.checkpoint_every == 0 or step == stage.num_steps or stop
     if is_log or is_save:
-      means = {k: float(np.mean([jax.device_get(m[k]) for m in history])) for k in history[0]}
-      _check_finite(means, step, stage.name)
+      means, newly_skipped = _check_steps(jax.device_get(history), stage.name, on_nonfinite, mngr)
+      skipped += newly_skipped
       history = []
     if is_log:
       now = time.perf_counter()
@@ -177,12 +238,13 @@ def _train(stage, state, step, stage_dir, config, mesh, writer, mngr, watcher, a
       if stage.on_log is not None:
         stage.on_log(state, step)
     if is_save:
-      mngr.save(step, args=checkpoint.ocp.args.StandardSave(state),
-                force=step == stage.num_steps or stop)
+      if not bool(_params_finite(state['params'])):
+        raise _nonfinite_error(stage.name, step, 'parameters (not saved)', mngr)
+      checkpoint.save(mngr, step, state, force=step == stage.num_steps or stop)
     if stop and step < stage.num_steps:
       logging.warning('%s: stopping at step %d (signal); saving the checkpoint', stage.name, step)
       break
-  return state, step, compile_s
+  return state, step, compile_s, skipped
 
 
 def _append_jsonl(path: str, row: dict) -> None:

@@ -5,7 +5,8 @@ import os
 import jax
 from absl import logging
 
-from faceflax.train import checkpoint, loop, mesh as mesh_lib
+from faceflax.data import bad_data
+from faceflax.train import checkpoint, files, loop, mesh as mesh_lib
 
 
 def parse(stages: str, known) -> list[str]:
@@ -58,11 +59,13 @@ def write_json(path: str, results: dict) -> None:
   """Writes from process 0 only, atomically (a crash never leaves half a file)."""
   if jax.process_index() != 0:
     return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=2)
-  os.replace(tmp, path)
+  files.write_json(path, results)
   logging.info('wrote %s', path)
+
+
+def write_results(path: str, results: dict) -> None:
+  """``write_json`` of a run's results, with the count of bad examples skipped (data.skip_bad)."""
+  write_json(path, {**results, **bad_data.summary()})
 
 
 class StageStates:

@@ -28,10 +28,15 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
   and takes one optimizer step: for a loss that is a plain mean over examples
   the result is the big batch's, with 1/k of its activation memory. Micro-batch
   i draws its randomness from ``fold_in(rng, i)``.
+
+  ``skip_nonfinite=True`` (static; ``config.train.on_nonfinite='skip'``): a step
+  whose loss, gradients or new parameters are not all finite changes nothing
+  but the step count, and its metrics say ``skipped=1``.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def update(state, batch, rng, *consts, grad_accum_steps: int = 1):
+  def update(state, batch, rng, *consts, grad_accum_steps: int = 1,
+             skip_nonfinite: bool = False):
     new_state = {}
     if 'model_state' in state:
       if grad_accum_steps > 1:
@@ -49,9 +54,33 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **metrics}
-    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1,
-            **new_state}, metrics
+    new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1,
+                 **new_state}
+    if skip_nonfinite:
+      return _skip_if_nonfinite(state, new_state, loss, grads, metrics)
+    return new_state, metrics
   return update
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every float leaf of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _skip_if_nonfinite(state, new_state, loss, grads, metrics):
+  """``new_state``, or ``state`` with the step advanced when the step is not finite.
+
+  Inside the jitted update (a select, no host sync). optax.apply_if_finite does
+  not fit: it checks the gradients only, not the loss or BatchNorm statistics,
+  and adds its counters to the optimizer state (another checkpoint layout).
+  """
+  ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(new_state['params'])
+  kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                      {k: v for k, v in new_state.items() if k != 'step'},
+                      {k: state[k] for k in new_state if k != 'step'})
+  return {**kept, 'step': new_state['step']}, {**metrics, 'skipped': 1.0 - ok.astype(jnp.float32)}
 
 
 def micro_batches(batch: dict, k: int) -> dict:
