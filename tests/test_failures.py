@@ -244,6 +244,7 @@ def test_unknown_keys_and_wrong_types_are_refused_naming_the_key():
      r'student\.model \(width 64, depth 2\) must be no wider and no deeper than teacher\.model'),
     ('fbp_kd', lambda c: c.student.kd.update(feature_pairs='5:-1'),
      r"feature_pairs='5:-1': '5:-1' is not student_block:teacher_block"),
+    ('fbp_kd', lambda c: c.student.kd.update(output_kd='mse'), r"student\.kd\.output_kd='mse'"),
     ('fbp_kd', lambda c: c.teacher.finetune.update(batch_size=0),
      r'teacher\.finetune\.batch_size=0 \(must be an integer >= 1\)'),
     ('fbp_kd', lambda c: c.student.kd.update(lr=-1e-3),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from clu import metric_writers
@@ -167,3 +168,18 @@ def test_kd_terms_reach_the_student_and_leave_the_teacher_frozen(tmp_path):
                          delta_plain['student']['encoder']['block0']['MlpBlock_0']['Dense_0']['kernel'])
   assert not np.allclose(delta_kd['projector']['proj0']['kernel'],
                          delta_plain['projector']['proj0']['kernel'])
+
+
+def test_output_kd_score_is_the_squared_error_to_the_teacher_score():
+  rng = np.random.default_rng(0)
+  s = {'score': rng.uniform(1, 5, 6).astype(np.float32), 'logits': rng.normal(size=(6, 9))}
+  t = {'score': rng.uniform(1, 5, 6).astype(np.float32), 'logits': rng.normal(size=(6, 9))}
+  cfg = {'output_kd': 'score', 'temperature': 2.0}
+  got = fbp_kd.output_kd(ml_collections.ConfigDict(cfg), s, t)
+  np.testing.assert_allclose(got, np.mean((s['score'] - t['score']) ** 2), rtol=1e-6)
+  # 'kl': Hinton's T^2 * KL(teacher || student) at temperature T, against NumPy
+  cfg['output_kd'] = 'kl'
+  got = fbp_kd.output_kd(ml_collections.ConfigDict(cfg), s, t)
+  log_sm = lambda x: x / 2 - np.log(np.exp(x / 2).sum(-1, keepdims=True))
+  pt, ps = log_sm(t['logits']), log_sm(s['logits'])
+  np.testing.assert_allclose(got, 4 * np.mean((np.exp(pt) * (pt - ps)).sum(-1)), rtol=1e-5)

@@ -185,22 +185,16 @@ def output_kd(cfg, s_out, t_out) -> jax.Array:
   faces); 'kl' also matches the shape of the bin distribution, which only carries
   knowledge when the teacher was trained with the label-distribution term.
   """
-  if cfg.output_kd == 'kl':
-    return losses.distillation_kl(s_out['logits'], t_out['logits'], cfg.temperature)
   if cfg.output_kd == 'score':
     return losses.score_regression(s_out['score'], t_out['score'], None, 'mse')
-  raise ValueError(f"student.kd.output_kd={cfg.output_kd!r}: expected 'kl' or 'score'")
+  return losses.distillation_kl(s_out['logits'], t_out['logits'], cfg.temperature)
 
 
 def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teacher_params,
              config) -> loop.Stage:
   """Student step with the frozen teacher's forward pass inside (one XLA graph)."""
   size = config.data.image_size
-  if student.grid % teacher.grid:
-    raise ValueError(f'feature KD needs the student token grid ({student.grid}x{student.grid}) '
-                     f'to be a multiple of the teacher grid ({teacher.grid}x{teacher.grid}); '
-                     'check the models\' patch sizes')
-  pairs = kd_pairs(cfg, student, teacher)
+  pairs = kd_pairs(cfg, student, teacher)  # check_config has checked the grids
   projector = FeatureProjector(tuple(teacher.width for _ in pairs))
 
   def init_params_fn(rng):
@@ -332,6 +326,8 @@ def check_config(config) -> None:
       raise ValueError(f'student.kd.feature_pairs={kd.feature_pairs!r}: {":".join(pair)!r} is not '
                        f'student_block:teacher_block with blocks in -{student.depth}.. '
                        f'{student.depth - 1} and -{teacher.depth}..{teacher.depth - 1}')
+  if kd.output_kd not in ('kl', 'score'):
+    raise ValueError(f"student.kd.output_kd={kd.output_kd!r}: expected 'kl' or 'score'")
   if kd.beta and pairs and student.grid % teacher.grid:
     raise ValueError(f'feature KD needs the student token grid ({student.grid}x{student.grid}) '
                      f'to be a multiple of the teacher grid ({teacher.grid}x{teacher.grid}); '
