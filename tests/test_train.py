@@ -1,7 +1,6 @@
 """The shared framework: configs, resume, device-count invariance, the whole FBP job."""
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
