@@ -48,7 +48,7 @@ def get_config(preset: str = ''):
       # ld_*: a Gaussian label distribution over the score bins (DLDL) beside the
       # regression loss keeps the binned head from saturating on the mean score's bin.
       # Fine-tuning lr 3e-4 (MAE's 1e-3 * batch / 256): at 1e-3 the synthetic faces' ViT
-      # collapses to a constant score within 100 steps (gradient norm -> 0).
+      # stays on the mean-score plateau (gradient norm -> 0.01; README "Known problems").
       finetune=optimizer(500, 64, 3e-4, 50, layer_decay=0.9, loss='mse', from_pretrained=True,
                          ld_weight=1.0, ld_sigma=0.5),
   )
