@@ -477,18 +477,56 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
+def trained(config, workdir: str) -> tuple[Job, dict]:
+  """(the job, every trained model of ``workdir``: {stage: (model, variables)})."""
+  job = Job(config, workdir)
+  names = [n for n in STAGES[:-1] if loop.is_done(workdir, n)] or ['teacher']
+  return job, job.trained_models(names, require_all=False)
+
+
 def evaluate(config, workdir: str) -> dict:
   """Scores every trained model of ``workdir`` on ``data.dir``'s ``data.eval_pairs``."""
   if not config.data.dir:
     raise ValueError('--mode=eval needs --config.data.dir (a folder-format dataset with '
                      'the pairs file data.eval_pairs)')
-  job = Job(config, workdir)
-  names = [n for n in STAGES[:-1] if loop.is_done(workdir, n)] or ['teacher']
-  results = job.score(job.trained_models(names, require_all=False))
+  job, models = trained(config, workdir)
+  results = job.score(models)
   name = os.path.basename(os.path.normpath(config.data.dir))
   log_table(results, None)
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
+
+
+def embedding_head(config, job: Job, models: dict):
+  """A predict.Head: per model its unit embedding ([B, D]) and the raw embedding's norm."""
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  fns = {}
+  for model, _ in models.values():  # one compiled forward per architecture
+    fns.setdefault(id(model), jax.jit(
+        lambda v, x, m=model: m.apply(v, x)['embedding'].astype(jnp.float32),
+        out_shardings=mesh_lib.replicated(job.mesh)))
+
+  def forward(x):
+    out = {}
+    for name, (model, variables) in models.items():
+      e = np.asarray(fns[id(model)](variables, x))
+      norm = np.linalg.norm(e, axis=1)
+      out[name], out[f'{name}_norm'] = e / np.maximum(norm, 1e-12)[:, None], norm
+    return out
+  return predict_lib.Head(forward, config.data.image_size, config.data.dir)
+
+
+def predict_photos(config, workdir: str, input_path: str, output: str,
+                   align: str = 'auto') -> dict:
+  """Embeddings of new photos by every trained model -> ``<output stem>_<stage>.npy``.
+
+  Rows are L2-normalised (the CSV has each raw embedding's norm), one per CSV row.
+  """
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  config = with_data_dir(config, workdir)
+  job, models = trained(config, workdir)
+  return predict_lib.run(input_path, output, [embedding_head(config, job, models)], job.mesh,
+                         config.eval_batch_size, align)
 
 
 def log_table(results: dict, writer) -> None:
