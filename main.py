@@ -3,6 +3,8 @@
   python main.py --config=configs/fbp_kd.py --workdir=/tmp/fbp_kd
   python main.py --config=configs/fbp_kd.py:test --workdir=/tmp/t --config.seed=1
   python main.py --mode=eval --config=configs/fbp_kd.py --workdir=W --config.data.dir=DIR
+  python main.py --mode=predict --config=configs/fbp_kd.py --workdir=W --input=PHOTOS --output=out.csv
+  python main.py --mode=verify --config=configs/lqfr_kd.py --workdir=W --input=a.jpg,b.jpg
   # one command per host (README "Running on a cluster"):
   python main.py --config=... --workdir=SHARED_W --coordinator_address=HOST0:1234 \
       --num_processes=N --process_id=I
@@ -18,8 +20,17 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train: run the config\'s stages; '
-                  'eval: score the trained models of --workdir on --config.data.dir.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'verify'],
+                  'train: run the config\'s stages; eval: score the trained models of --workdir '
+                  'on --config.data.dir; predict: score the photos of --input -> --output CSV; '
+                  'verify (lqfr_kd): similarity of the two faces of --input=a.jpg,b.jpg and the '
+                  'decision at the validated threshold.')
+flags.DEFINE_string('input', None, '--mode=predict: a photo or a folder of photos; '
+                    '--mode=verify: two photos, a.jpg,b.jpg.')
+flags.DEFINE_string('output', None, '--mode=predict: the CSV to write (embeddings: .npy beside it).')
+flags.DEFINE_enum('align', 'auto', ['auto', 'none'],
+                  'auto: detect and align the face of each photo (OpenCV Haar cascades); none: '
+                  'the inputs are already aligned chips like the training data.')
 flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                   'jax.distributed.initialize: auto = when a coordinator address is given or a '
                   'multi-task SLURM / Open MPI / GKE TPU job is detected; on = always (JAX '
@@ -43,7 +54,8 @@ def main(argv):
   from faceflax import app as faceflax_app
   from faceflax.train import preemption
   try:
-    faceflax_app.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    faceflax_app.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.input or '',
+                     FLAGS.output or '', FLAGS.align)
   except preemption.Preempted as e:
     logging.warning('%s', e)
     sys.exit(preemption.EXIT_CODE)

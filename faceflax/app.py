@@ -9,7 +9,8 @@ from faceflax import config_checks, tasks
 from faceflax.data import bad_data
 from faceflax.train import files
 
-MODES = ('train', 'eval')
+MODES = ('train', 'eval', 'predict', 'verify')
+ENTRY = {'predict': 'predict_photos', 'verify': 'verify'}  # the task function of each mode
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -23,15 +24,25 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def run(config, workdir: str, mode: str = 'train'):
+def run(config, workdir: str, mode: str = 'train', input_path: str = '', output: str = '',
+        align: str = 'auto'):
+  """``input_path``, ``output``, ``align``: --mode=predict / verify (README "Use a trained model")."""
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}: expected one of {MODES}')
   if not workdir:
     raise ValueError('--workdir is required')
+  task = tasks.get(config.task)
+  if mode in ('predict', 'verify'):
+    if not hasattr(task, ENTRY[mode]):
+      raise ValueError(f'--mode={mode} is not available for task {config.task!r}'
+                       + (' (verify is for lqfr_kd)' if mode == 'verify' else ''))
+    if jax.process_count() > 1:
+      raise ValueError(f'--mode={mode} runs in one process (--distributed=off)')
+    from faceflax import predict  # pylint: disable=g-import-not-at-top
+    predict.check_inputs(mode, input_path, output)  # a missing input fails before any model loads
   quiet_library_logs()
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # process 0 writes the log; the others only problems
-  task = tasks.get(config.task)
   # Every check that needs no data comes first: a bad config fails in seconds.
   config_checks.check_common(config)
   task.check_config(config)
@@ -44,4 +55,8 @@ def run(config, workdir: str, mode: str = 'train'):
       if hasattr(task, 'check_data'):  # every split read now: bad data fails before training
         task.check_data(config, workdir)
       return task.train_and_evaluate(config, workdir)
+    if mode == 'predict':
+      return task.predict_photos(config, workdir, input_path, output, align)
+    if mode == 'verify':
+      return task.verify(config, workdir, input_path, align)
     return task.evaluate(config, workdir)

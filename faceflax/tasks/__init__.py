@@ -4,6 +4,9 @@ A task module exposes ``check_config(config)`` (inconsistent settings, raised
 before any data is read or step compiled), ``train_and_evaluate(config, workdir)``
 and ``evaluate(config, workdir)``; ``check_data(config, workdir)``, where a task
 would otherwise read a split only after training, reads every split first.
+``predict_photos(config, workdir, input_path, output, align)`` scores new photos
+(``--mode=predict``, through ``faceflax.predict``); lqfr_kd also has
+``verify(config, workdir, input_path, align)``.
 """
 import importlib
 

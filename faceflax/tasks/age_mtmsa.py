@@ -36,6 +36,9 @@ AGE_LOSSES = ('kl', 'dirac_gaussian', 'l1', 'ce')
 FORMATS = ('folder', 'utkface', 'morph', 'adience')
 CLASS_HEADS = {'gender': resnet_msa.NUM_GENDERS, 'race': resnet_msa.NUM_RACES}
 LABELS = ('age', 'gender', 'race', 'age_group')
+# Class names of the codes (UTKFace's convention, which the readers map every format to).
+CLASS_NAMES = {'gender': ('male', 'female'),
+               'race': ('white', 'black', 'asian', 'indian', 'others')}
 
 
 # ----------------------------------------------------------------------------- config
@@ -374,6 +377,35 @@ def evaluate(config, workdir: str) -> dict:
   log_results(results, None)
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
+
+
+def predict_photos(config, workdir: str, input_path: str, output: str,
+                   align: str = 'auto') -> dict:
+  """Age (and gender / race with each class's probability) of new photos -> CSV."""
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  check_config(config)
+  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
+  model, variables, kind = job.model, job.variables(), config.loss.age
+
+  @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(job.mesh))
+  def forward(v, x):
+    out = model.apply(v, x)
+    return {'age': predicted_age(out, kind),
+            **{f'{h}_p': jax.nn.softmax(out[f'{h}_logits']) for h in CLASS_HEADS
+               if f'{h}_logits' in out}}
+
+  def columns(outputs):
+    table = {'age': outputs['age']}
+    for head, names in CLASS_NAMES.items():
+      if f'{head}_p' in outputs:
+        p = outputs[f'{head}_p']
+        table[head] = np.asarray(names)[np.nan_to_num(p).argmax(-1)]
+        table.update({f'p_{n}': p[:, i] for i, n in enumerate(names)})
+    return table
+
+  head = predict_lib.Head(functools.partial(forward, variables), config.data.image_size, config.data.dir, config.data.eval_pp)
+  return predict_lib.run(input_path, output, [head], job.mesh, config.eval_batch_size, align,
+                         columns)
 
 
 def log_results(results: dict, writer) -> None:

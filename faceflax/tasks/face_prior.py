@@ -280,6 +280,23 @@ def evaluate(config, workdir: str) -> dict:
   return results
 
 
+def predict_photos(config, workdir: str, input_path: str, output: str,
+                   align: str = 'auto') -> dict:
+  """The pooled encoder features of new photos -> ``<output stem>_features.npy`` (+ CSV).
+
+  Aligned to the chips of the first of ``data.datasets``.
+  """
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  check_config(config)
+  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
+  params = job.state('pretrain')['params']['mae']
+  fn = jax.jit(lambda p, x: job.model.apply({'params': p}, x)['pooled'],
+               out_shardings=mesh_lib.replicated(job.mesh))
+  head = predict_lib.Head(lambda x: {'features': fn(params, x)}, config.data.image_size,
+                          dataset_dirs(config)[0])
+  return predict_lib.run(input_path, output, [head], job.mesh, config.eval_batch_size, align)
+
+
 def log_results(results: dict, writer) -> None:
   val = {k: v for k, v in results['val'].items() if k not in ('n', 'n_left_out')}
   logging.info('face-prior val (n=%d): %s', results['val']['n'],

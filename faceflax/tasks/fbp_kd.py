@@ -484,6 +484,19 @@ def evaluate(config, workdir: str) -> dict:
   return results
 
 
+def predict_photos(config, workdir: str, input_path: str, output: str, align: str = 'auto') -> dict:
+  """Beauty scores of the teacher and student of ``workdir`` for new photos -> CSV."""
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
+  models = job.models(require_all=False)
+  fns = {who: jax.jit(lambda p, x, m=model: m.apply({'params': p}, x)['score'],
+                      out_shardings=mesh_lib.replicated(job.mesh))
+         for who, (model, _) in models.items()}
+  head = predict_lib.Head(lambda x: {f'{w}_score': fns[w](p, x) for w, (_, p) in models.items()},
+                          config.data.image_size, config.data.dir, config.data.eval_pp)
+  return predict_lib.run(input_path, output, [head], job.mesh, config.eval_batch_size, align)
+
+
 def _log_results(writer, results):
   for who in ('teacher', 'student'):
     if who not in results:

@@ -12,6 +12,7 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
 """
 import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -477,17 +478,99 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
+def trained(config, workdir: str) -> tuple[Job, dict]:
+  """(the job, every trained model of ``workdir``: {stage: (model, variables)})."""
+  job = Job(config, workdir)
+  names = [n for n in STAGES[:-1] if loop.is_done(workdir, n)] or ['teacher']
+  return job, job.trained_models(names, require_all=False)
+
+
 def evaluate(config, workdir: str) -> dict:
   """Scores every trained model of ``workdir`` on ``data.dir``'s ``data.eval_pairs``."""
   if not config.data.dir:
     raise ValueError('--mode=eval needs --config.data.dir (a folder-format dataset with '
                      'the pairs file data.eval_pairs)')
-  job = Job(config, workdir)
-  names = [n for n in STAGES[:-1] if loop.is_done(workdir, n)] or ['teacher']
-  results = job.score(job.trained_models(names, require_all=False))
+  job, models = trained(config, workdir)
+  results = job.score(models)
   name = os.path.basename(os.path.normpath(config.data.dir))
   log_table(results, None)
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
+  return results
+
+
+def embedding_head(config, job: Job, models: dict):
+  """A predict.Head: per model its unit embedding ([B, D]) and the raw embedding's norm."""
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  fns = {}
+  for model, _ in models.values():  # one compiled forward per architecture
+    fns.setdefault(id(model), jax.jit(
+        lambda v, x, m=model: m.apply(v, x)['embedding'].astype(jnp.float32),
+        out_shardings=mesh_lib.replicated(job.mesh)))
+
+  def forward(x):
+    out = {}
+    for name, (model, variables) in models.items():
+      e = np.asarray(fns[id(model)](variables, x))
+      norm = np.linalg.norm(e, axis=1)
+      out[name], out[f'{name}_norm'] = e / np.maximum(norm, 1e-12)[:, None], norm
+    return out
+  return predict_lib.Head(forward, config.data.image_size, config.data.dir)
+
+
+def predict_photos(config, workdir: str, input_path: str, output: str,
+                   align: str = 'auto') -> dict:
+  """Embeddings of new photos by every trained model -> ``<output stem>_<stage>.npy``.
+
+  Rows are L2-normalised (the CSV has each raw embedding's norm), one per CSV row.
+  """
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  config = with_data_dir(config, workdir)
+  job, models = trained(config, workdir)
+  return predict_lib.run(input_path, output, [embedding_head(config, job, models)], job.mesh,
+                         config.eval_batch_size, align)
+
+
+def validated_threshold(config, job: Job, name: str, model, variables) -> tuple[float, str]:
+  """(threshold, where it came from): the mean of the 10 folds' best thresholds on the
+  verification pairs at full quality, from ``results.json``, else computed on ``data.eval_pairs``."""
+  path = os.path.join(job.workdir, 'results.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      hq = json.load(f).get(name, {}).get('hq', {})
+    if 'threshold' in hq:
+      return float(hq['threshold']), f'{path} ({name}, hq)'
+  logging.info('%s has no validated threshold for %s: computing it on %s', path, name,
+               config.data.eval_pairs)
+  paths, pairs = eval_pairs(config)
+  emb = {'hq': embed(model, variables, paths, config, job.mesh, 'hq')}
+  where = os.path.join(config.data.dir, config.data.eval_pairs)
+  return float(verification_table(emb, pairs, config)['hq']['threshold']), f'{where} (hq)'
+
+
+def verify(config, workdir: str, input_path: str, align: str = 'auto') -> dict:
+  """Cosine similarity of the faces of two photos and the decision at the validated threshold,
+  for every trained model of ``workdir``; printed and returned."""
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  pair = predict_lib.verify_pair(input_path)
+  config = with_data_dir(config, workdir)
+  job, models = trained(config, workdir)
+  rows, outputs = predict_lib.score_files(list(pair), [embedding_head(config, job, models)],
+                                          job.mesh, config.eval_batch_size, align, 'verify')
+  for path, row in zip(pair, rows):
+    if row['status'] not in predict_lib.SCORED:
+      raise DataError(f'--input {path}: {row["status"]}{": " + row["note"] if row["note"] else ""}'
+                      ' (verify needs one face in each photo)')
+    if row['status'] == 'several_faces':
+      logging.warning('%s: %d faces, comparing the largest', path, row['faces'])
+  results = {}
+  for name, (model, variables) in models.items():
+    threshold, source = validated_threshold(config, job, name, model, variables)
+    similarity = float(np.dot(outputs[name][0], outputs[name][1]))
+    same = similarity > threshold
+    results[name] = {'similarity': similarity, 'threshold': threshold, 'same': bool(same),
+                     'threshold_from': source}
+    print(f'{name}: cosine similarity {similarity:.4f}, threshold {threshold:.4f} -> '
+          f'{"same person" if same else "different people"}')
   return results
 
 

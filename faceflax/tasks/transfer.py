@@ -56,11 +56,13 @@ class TaskSpec:
   higher_is_better: bool
   num_classes: int = 0         # classification only
   loss: str = 'mse'            # regression only: 'mse' | 'l1'
+  class_names: tuple[str, ...] = ()  # classification: the name of each class (--mode=predict)
 
 
 TASKS = {
     'expression': TaskSpec('fer2013', ('label',), 'classification', 'accuracy', True,
-                           num_classes=7),
+                           num_classes=7, class_names=('angry', 'disgust', 'fear', 'happy', 'sad',
+                                                       'surprise', 'neutral')),
     'attributes': TaskSpec('celeba_id', (), 'multilabel', 'mean_accuracy', True),
     'age': TaskSpec('utkface', ('age',), 'regression', 'mae', False, loss='l1'),
     'beauty': TaskSpec('scut_fbp5500', ('score',), 'regression', 'pc', True, loss='mse'),
@@ -645,6 +647,61 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def evaluate(config, workdir: str) -> dict:
   """Re-runs the probes and scores the finished fine-tuning stages -> ``W/eval.json``."""
   return run(config, workdir, train=False, filename='eval.json')
+
+
+def predict_photos(config, workdir: str, input_path: str, output: str,
+                   align: str = 'auto') -> dict:
+  """The fine-tuned heads of ``workdir`` (its finished ``finetune_<task>`` stages) on new photos.
+
+  CSV columns per task: expression: the class and each class's probability;
+  attributes: each attribute's probability; age, beauty: the predicted value. Each
+  task's faces are aligned like its dataset's chips.
+  """
+  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
+  job = Job(config, workdir, train=False)
+  check_backbone(workdir, job.backbone, config.seed, record=False)
+  heads, classes = [], {}
+  for task in job.tasks:
+    if not job.finished(stage_name(task)):
+      logging.warning('%s: stage %s is not finished in %s; not predicted', task,
+                      stage_name(task), workdir)
+      continue
+    data = job.data(task)
+    fn = jax.jit(functools.partial(finetune_forward, job.model, data.out_dim),
+                 out_shardings=mesh_lib.replicated(job.mesh))
+    if data.spec.kind == 'classification':
+      classes[task] = data.spec.class_names or tuple(str(i) for i in range(data.out_dim))
+    heads.append(predict_lib.Head(functools.partial(
+        _head_outputs, fn, job.state(stage_name(task))['params'], data, classes.get(task)),
+        config.backbone.image_size, data.dir, config.data.eval_pp))
+  if not heads:
+    raise checkpoint.CheckpointError(f'no finished fine-tuning stage (finetune_<task> of tasks '
+                                     f'{job.tasks}) in {workdir}: nothing to predict with')
+
+  def columns(outputs):  # a classification task's class name first, then its probabilities
+    table = {}
+    for name, value in outputs.items():
+      for task, names in classes.items():
+        if name == f'{task}_p_{names[0]}':
+          p = np.stack([outputs[f'{task}_p_{n}'] for n in names], axis=1)
+          table[task] = np.asarray(names)[np.nan_to_num(p).argmax(-1)]
+      table[name] = value
+    return table
+  return predict_lib.run(input_path, output, heads, job.mesh, config.eval_batch_size, align,
+                         columns)
+
+
+def _head_outputs(fn, params, data: TaskData, class_names, images) -> dict:
+  """One fine-tuned head's outputs as named [B] columns (probabilities or values)."""
+  out = np.asarray(fn(params, images), np.float64)
+  if data.spec.kind == 'classification':
+    p = np.exp(out - out.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return {f'{data.name}_p_{n}': p[:, i] for i, n in enumerate(class_names)}
+  if data.spec.kind == 'multilabel':
+    p = 1 / (1 + np.exp(-out))
+    return {f'{data.name}_{c}': p[:, i] for i, c in enumerate(data.columns)}
+  return {data.name: decode(data.spec.kind, out, target_stats(data))}
 
 
 # ----------------------------------------------------------------------------- reporting
