@@ -1,0 +1,99 @@
+"""Visual reports: renderers draw what they claim; a tiny FBP job writes its PNGs."""
+import os
+
+import numpy as np
+from PIL import Image
+
+from faceflax import reports
+from faceflax.reports import MARGIN, SIZE
+
+
+def _is_rgb_uint8(img):
+  return img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
+
+
+def test_scatter_of_perfect_predictions_lies_on_the_diagonal():
+  true = np.linspace(1, 5, 9)
+  img = reports.scatter(true, true, 'perfect')
+  assert _is_rgb_uint8(img) and img.shape[:2] == (SIZE + 2 * MARGIN,) * 2
+  blue = np.all(img == reports.POINT, axis=-1)
+  ys, xs = np.nonzero(blue)
+  assert len(xs) > 9
+  # every point pixel is within the dot radius of y = x (pixel rows grow downwards)
+  assert np.all(np.abs((xs - MARGIN) - (MARGIN + SIZE - ys)) <= 6)
+  # and the points spread from bottom-left to top-right
+  assert xs.min() < MARGIN + 20 and xs.max() > MARGIN + SIZE - 20
+  # wrong predictions (pred = 6 - true) fall off the diagonal
+  off = np.all(reports.scatter(6 - true, true) == reports.POINT, axis=-1)
+  ys, xs = np.nonzero(off)
+  assert np.abs((xs - MARGIN) - (MARGIN + SIZE - ys)).max() > 100
+
+
+def test_confusion_matrix_brightest_cells_match_numpy_counts():
+  rng = np.random.default_rng(0)
+  true = rng.integers(0, 4, 400)
+  pred = np.where(rng.random(400) < 0.7, (true + 1) % 4, true)  # mostly shifted by one
+  pred[:5] = -1  # unknown labels are dropped
+  names = ['a', 'b', 'c', 'd']
+  img = reports.confusion_matrix_image(pred, true, names, 'test')
+  assert _is_rgb_uint8(img)
+  ok = pred >= 0
+  counts = np.zeros((4, 4), int)
+  np.add.at(counts, (true[ok], pred[ok]), 1)
+  np.testing.assert_array_equal(reports.confusion_counts(pred, true, 4), counts)
+  cell = max(SIZE // 4, 12)
+  left, top = MARGIN + 60, MARGIN
+  # sample each cell's corner (away from the count text) and compare the argmax per row
+  bright = np.array([[img[top + i * cell + cell - 4, left + j * cell + cell - 4, 1]
+                      for j in range(4)] for i in range(4)])
+  np.testing.assert_array_equal(bright.argmax(1), counts.argmax(1))
+  np.testing.assert_array_equal(bright.argmax(1), (np.arange(4) + 1) % 4)
+
+
+def test_roc_of_a_perfect_classifier_touches_the_top_left_corner():
+  from faceflax import metrics
+  same = np.array([1] * 50 + [0] * 50, bool)
+  perfect = np.where(same, 0.9, 0.1) + np.linspace(0, 0.01, 100)
+  fpr, tpr, _ = metrics.roc_curve(perfect, same)
+  img = reports.roc_image(fpr, tpr, 'perfect')
+  assert _is_rgb_uint8(img)
+  curve = np.all(img == reports.CURVES[0], axis=-1)
+  assert curve[MARGIN - 1:MARGIN + 2, MARGIN - 1:MARGIN + 2].any()  # (fpr 0, tpr 1)
+  # a random classifier's curve stays away from that corner; several curves are allowed
+  rnd = np.random.default_rng(0).random(100)
+  fpr2, tpr2, _ = metrics.roc_curve(rnd, same)
+  img2 = reports.roc_image([fpr2, fpr], [tpr2, tpr], ['random', 'perfect'])
+  first = np.all(img2 == reports.CURVES[0], axis=-1)
+  assert not first[MARGIN - 1:MARGIN + 25, MARGIN - 1:MARGIN + 25].any()
+  assert np.all(img2 == reports.CURVES[1], axis=-1)[MARGIN - 1:MARGIN + 2, MARGIN - 1:MARGIN + 2].any()
+
+
+def test_attention_overlay_upsamples_and_heats_the_attended_region():
+  faces = np.full((2, 32, 32, 3), 0.5, np.float32)
+  maps = np.zeros((2, 4, 4))
+  maps[:, 0, 0] = 1.0  # attend to the top-left 8x8 block
+  img = reports.attention_overlay(faces, maps)
+  assert _is_rgb_uint8(img) and img.shape == (64, 64, 3)
+  over = img[:32, 32:].astype(int)
+  assert over[2, 2, 0] > over[2, 2, 2]  # red where attended
+  assert over[20, 20, 2] > over[20, 20, 0]  # blue elsewhere
+  np.testing.assert_array_equal(img[:32, :32], 128)  # the face itself, untouched
+  assert reports.attention_overlay(np.zeros((1, 16, 16, 3), np.uint8),
+                                   np.ones((1, 2, 2, 1))).shape == (16, 32, 3)
+
+
+class _Writer:
+  def __init__(self):
+    self.images = {}
+
+  def write_images(self, step, images):
+    self.images.update(images)
+
+
+def test_save_writes_png_and_tensorboard(tmp_path):
+  writer = _Writer()
+  img = np.random.default_rng(0).random((10, 12, 3))
+  path = reports.save(str(tmp_path), 'x/y', img, writer)
+  assert path == os.path.join(str(tmp_path), 'reports', 'x/y.png')
+  np.testing.assert_array_equal(np.asarray(Image.open(path)), reports.to_uint8(img))
+  assert writer.images['reports/x/y'].shape == (1, 10, 12, 3)
