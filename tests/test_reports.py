@@ -97,3 +97,20 @@ def test_save_writes_png_and_tensorboard(tmp_path):
   assert path == os.path.join(str(tmp_path), 'reports', 'x/y.png')
   np.testing.assert_array_equal(np.asarray(Image.open(path)), reports.to_uint8(img))
   assert writer.images['reports/x/y'].shape == (1, 10, 12, 3)
+
+
+def test_fbp_test_job_writes_its_report_pngs(tmp_path):
+  from faceflax import app
+  from tests import configs_for_tests
+  config = configs_for_tests.load('fbp_kd', 'test')
+  config.stages = 'teacher_pretrain,teacher_finetune,student_kd,evaluate'
+  config.student.kd.from_pretrained = False
+  app.run(config, str(tmp_path))
+  names = sorted(p.name for p in (tmp_path / 'reports').glob('*.png'))
+  assert names == ['eval_student_scatter.png', 'eval_teacher_scatter.png',
+                   'teacher_pretrain_reconstruction.png']
+  grid = np.asarray(Image.open(tmp_path / 'reports' / 'teacher_pretrain_reconstruction.png'))
+  size = config.data.image_size
+  assert grid.shape == (4 * size, 3 * size, 3)
+  scatter = np.asarray(Image.open(tmp_path / 'reports' / 'eval_teacher_scatter.png'))
+  assert np.all(scatter == reports.POINT, axis=-1).sum() > 0  # the points are drawn

@@ -22,7 +22,7 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from faceflax import config_checks, distributed, losses, metrics
+from faceflax import config_checks, distributed, losses, metrics, reports
 from faceflax.data import pipeline, sources, synthetic
 from faceflax.models import mae
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
@@ -291,10 +291,13 @@ def model_report(model, params, size: int) -> dict:
   return {'params': loop.count_params(params), 'mflops_per_image': flops / 1e6}
 
 
-def score_models(models: dict, examples, config, mesh) -> dict:
+def score_models(models: dict, examples, config, mesh, keep: dict | None = None) -> dict:
+  """Metrics per model; ``keep`` (if given) receives each model's (pred, target)."""
   out = {}
   for who, (model, params) in models.items():
     pred, target = predict_scores(model, params, examples, config, mesh)
+    if keep is not None:
+      keep[who] = (pred, target)
     out[who] = {**metrics.regression_report(pred, target),
                 **model_report(model, params, config.data.image_size)}
   return out
@@ -432,7 +435,10 @@ class Job:
             pp=self.config.data.eval_pp, cache_pp=cache_pp(self.config)).__iter__())['image']
       out = model.apply({'params': state['params']}, jnp.asarray(probe), method=model.pretrain,
                         rngs={'mask': jax.random.key(step)})
-      self.writer.write_images(step, {f'{name}/reconstruction': reconstruction_grid(out, model.patch, cfg.norm_pix)})
+      grid = reconstruction_grid(out, model.patch, cfg.norm_pix)
+      self.writer.write_images(step, {f'{name}/reconstruction': grid})
+      if jax.process_index() == 0:  # the latest one as a PNG (README "Use a trained model")
+        reports.save(self.workdir, f'{name}_reconstruction', np.concatenate(list(grid), 0))
     return on_log
 
 
@@ -459,7 +465,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if 'evaluate' not in stages:
     return {}
   examples = labeled_examples(config, config.data.eval_split, workdir)
-  results = score_models(job.models(), examples, config, job.mesh)
+  preds = {}
+  results = score_models(job.models(), examples, config, job.mesh, preds)
+  _write_reports(workdir, preds, 'eval', job.writer)
   results['student_teacher_param_ratio'] = results['student']['params'] / results['teacher']['params']
   results['data'] = {'dir': config.data.dir or 'built-in synthetic faces',
                      'eval_split': config.data.eval_split, 'n': len(examples)}
@@ -476,8 +484,10 @@ def evaluate(config, workdir: str) -> dict:
     raise ValueError('--mode=eval needs --config.data.dir (a folder-format or official dataset)')
   job = Job(stages_lib.restore_only(config), workdir)  # load, never train
   examples = labeled_examples(config, config.eval.split, workdir)
-  results = score_models(job.models(require_all=False), examples, config, job.mesh)
+  preds = {}
+  results = score_models(job.models(require_all=False), examples, config, job.mesh, preds)
   name = os.path.basename(os.path.normpath(config.data.dir))
+  _write_reports(workdir, preds, f'eval_{name}', job.writer)
   results['data'] = {'dir': config.data.dir, 'split': config.eval.split, 'n': len(examples)}
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   _log_results(None, results)
@@ -495,6 +505,15 @@ def predict_photos(config, workdir: str, input_path: str, output: str, align: st
   head = predict_lib.Head(lambda x: {f'{w}_score': fns[w](p, x) for w, (_, p) in models.items()},
                           config.data.image_size, config.data.dir, config.data.eval_pp)
   return predict_lib.run(input_path, output, [head], job.mesh, config.eval_batch_size, align)
+
+
+def _write_reports(workdir, preds, prefix, writer):
+  """Predicted-vs-true beauty scatter per model -> <workdir>/reports/<prefix>_<who>_scatter.png."""
+  if jax.process_index() > 0:
+    return
+  for who, (pred, target) in preds.items():
+    reports.save(workdir, f'{prefix}_{who}_scatter',
+                 reports.scatter(pred, target, f'{who}: predicted vs true beauty ({prefix})'), writer)
 
 
 def _log_results(writer, results):
