@@ -159,3 +159,12 @@ def attention_overlay(faces, maps, alpha: float = 0.5) -> np.ndarray:
   over = (1 - alpha) * faces + alpha * _heat(up)
   grid = np.concatenate([faces, over], axis=2).reshape(n * h, 2 * w, 3)
   return to_uint8(grid)
+
+
+def probe_faces(paths, pp: str, cache_pp: str, n: int = 4) -> np.ndarray:
+  """The first ``n`` images of ``paths`` as the model sees them in evaluation ([n, H, W, 3])."""
+  from faceflax.data import pipeline  # pylint: disable=g-import-not-at-top
+  paths = list(paths)[:n]
+  batch = next(iter(pipeline.make_eval_dataset(paths, {}, batch_size=len(paths), pp=pp,
+                                               cache_pp=cache_pp)))
+  return np.asarray(batch['image'])

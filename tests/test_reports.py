@@ -6,6 +6,7 @@ from PIL import Image
 
 from faceflax import reports
 from faceflax.reports import MARGIN, SIZE
+from tests.test_age import _config as _age_config, faces  # noqa: F401 (a fixture)
 
 
 def _is_rgb_uint8(img):
@@ -114,3 +115,15 @@ def test_fbp_test_job_writes_its_report_pngs(tmp_path):
   assert grid.shape == (4 * size, 3 * size, 3)
   scatter = np.asarray(Image.open(tmp_path / 'reports' / 'eval_teacher_scatter.png'))
   assert np.all(scatter == reports.POINT, axis=-1).sum() > 0  # the points are drawn
+
+
+def test_age_job_writes_scatter_confusions_and_msa_attention(faces, tmp_path):
+  from faceflax import app
+  config = _age_config(faces)
+  app.run(config, str(tmp_path))
+  names = {p.name for p in (tmp_path / 'reports').glob('*.png')}
+  assert {'eval_age_scatter.png', 'eval_gender_confusion.png', 'eval_race_confusion.png',
+          'eval_msa_attention_0.png'} <= names, names
+  overlay = np.asarray(Image.open(tmp_path / 'reports' / 'eval_msa_attention_0.png'))
+  size = config.data.image_size
+  assert overlay.shape == (4 * size, 2 * size, 3)

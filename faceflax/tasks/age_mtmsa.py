@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from faceflax import losses, metrics
+from faceflax import losses, metrics, reports
 from faceflax.data import age_datasets, pipeline
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, drop_bad_rows, read_folder
@@ -337,13 +337,33 @@ class Job(stages_lib.StageStates):
     s = self.state('train')
     return {'params': s['params'], 'batch_stats': s['model_state']}
 
-  def evaluate_on(self, examples: Examples, split: str) -> dict:
+  def evaluate_on(self, examples: Examples, split: str, prefix: str = 'eval') -> dict:
     variables = self.variables()
-    results = score(predict(self.model, variables, examples, self.config, self.mesh), examples)
+    pred = predict(self.model, variables, examples, self.config, self.mesh)
+    results = score(pred, examples)
+    if jax.process_index() == 0:
+      self.write_reports(pred, examples, variables, prefix)
     results['model'] = model_report(self.model, variables, self.config)
     results['data'] = {'dir': self.config.data.dir, 'format': self.config.data.format,
                        'split': split, 'n': len(examples)}
     return results
+
+  def write_reports(self, pred, examples: Examples, variables, prefix: str) -> None:
+    """Age scatter, gender / race confusion matrices, MSA attention on 4 faces -> reports/."""
+    labels, w = examples.labels, self.writer
+    known = np.isfinite(labels['age']) & (labels['age'] >= 0)
+    if known.any():
+      reports.save(self.workdir, f'{prefix}_age_scatter', reports.scatter(
+          pred['age'][known], labels['age'][known], f'predicted vs true age ({prefix})'), w)
+    for head, names in CLASS_NAMES.items():
+      if head in pred and (labels[head] >= 0).any():
+        reports.save(self.workdir, f'{prefix}_{head}_confusion', reports.confusion_matrix_image(
+            pred[head], labels[head], names, f'{head} ({prefix})'), w)
+    faces = reports.probe_faces(examples.paths, self.config.data.eval_pp, cache_pp(self.config))
+    maps = self.model.apply(variables, jnp.asarray(faces))['attention']
+    for i, m in enumerate(maps):  # one overlay per MSA stage
+      reports.save(self.workdir, f'{prefix}_msa_attention_{i}',
+                   reports.attention_overlay(faces, np.asarray(m, np.float32)), w)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -372,8 +392,8 @@ def evaluate(config, workdir: str) -> dict:
   check_config(config)
   job = Job(stages_lib.restore_only(config), workdir)  # load, never train
   examples = load_examples(config, config.eval.split)
-  results = job.evaluate_on(examples, config.eval.split)
   name = os.path.basename(os.path.normpath(config.data.dir))
+  results = job.evaluate_on(examples, config.eval.split, f'eval_{name}')
   log_results(results, None)
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
