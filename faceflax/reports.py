@@ -139,9 +139,14 @@ def _heat(m):
 def attention_overlay(faces, maps, alpha: float = 0.5) -> np.ndarray:
   """Faces ``[N, H, W, 3]`` (uint8, [0, 1] or [-1, 1]) | faces with each map as a heat overlay.
 
-  ``maps`` is ``[N, h, w]`` (or ``[N, h, w, 1]``), upsampled (nearest) to the face size and
-  min-max normalised per face. Returns one row per face: the face and the overlay side by side.
+  ``maps`` is ``[N, h, w]`` (or ``[N, h, w, 1]``), or a list of such (one overlay column
+  each, e.g. one per network stage), upsampled (nearest) to the face size and min-max
+  normalised per face. Returns one row per face: the face and its overlays side by side.
   """
+  if isinstance(maps, (list, tuple)):
+    columns = [attention_overlay(faces, m, alpha) for m in maps]
+    w = columns[0].shape[1] // 2
+    return np.concatenate([columns[0][:, :w]] + [c[:, w:] for c in columns], axis=1)
   faces = np.asarray(faces)
   faces = faces / 255.0 if faces.dtype == np.uint8 else np.asarray(faces, np.float64)
   if faces.min() < 0:

@@ -6,7 +6,9 @@ from PIL import Image
 
 from faceflax import reports
 from faceflax.reports import MARGIN, SIZE
-from tests.test_age import _config as _age_config, faces  # noqa: F401 (a fixture)
+from tests import test_age
+
+faces = test_age.faces  # the tiny age dataset fixture
 
 
 def _is_rgb_uint8(img):
@@ -70,10 +72,10 @@ def test_roc_of_a_perfect_classifier_touches_the_top_left_corner():
 
 
 def test_attention_overlay_upsamples_and_heats_the_attended_region():
-  faces = np.full((2, 32, 32, 3), 0.5, np.float32)
+  grey = np.full((2, 32, 32, 3), 0.5, np.float32)
   maps = np.zeros((2, 4, 4))
   maps[:, 0, 0] = 1.0  # attend to the top-left 8x8 block
-  img = reports.attention_overlay(faces, maps)
+  img = reports.attention_overlay(grey, maps)
   assert _is_rgb_uint8(img) and img.shape == (64, 64, 3)
   over = img[:32, 32:].astype(int)
   assert over[2, 2, 0] > over[2, 2, 2]  # red where attended
@@ -81,6 +83,10 @@ def test_attention_overlay_upsamples_and_heats_the_attended_region():
   np.testing.assert_array_equal(img[:32, :32], 128)  # the face itself, untouched
   assert reports.attention_overlay(np.zeros((1, 16, 16, 3), np.uint8),
                                    np.ones((1, 2, 2, 1))).shape == (16, 32, 3)
+  # several maps (one per stage): the face, then one overlay column each
+  several = reports.attention_overlay(grey, [maps, np.zeros((2, 2, 2))])
+  assert several.shape == (64, 96, 3)
+  np.testing.assert_array_equal(several[:, :64], img)
 
 
 class _Writer:
@@ -119,11 +125,26 @@ def test_fbp_test_job_writes_its_report_pngs(tmp_path):
 
 def test_age_job_writes_scatter_confusions_and_msa_attention(faces, tmp_path):
   from faceflax import app
-  config = _age_config(faces)
+  config = test_age._config(faces)
   app.run(config, str(tmp_path))
   names = {p.name for p in (tmp_path / 'reports').glob('*.png')}
   assert {'eval_age_scatter.png', 'eval_gender_confusion.png', 'eval_race_confusion.png',
-          'eval_msa_attention_0.png'} <= names, names
-  overlay = np.asarray(Image.open(tmp_path / 'reports' / 'eval_msa_attention_0.png'))
+          'eval_msa_attention.png'} <= names, names
+  overlay = np.asarray(Image.open(tmp_path / 'reports' / 'eval_msa_attention.png'))
   size = config.data.image_size
-  assert overlay.shape == (4 * size, 2 * size, 3)
+  assert overlay.shape == (4 * size, (1 + len(config.model.msa_stages)) * size, 3)
+
+
+def test_lqfr_job_writes_roc_per_quality_and_cbam_attention(tmp_path):
+  from faceflax import app
+  from tests import configs_for_tests
+  config = configs_for_tests.load('lqfr_kd', 'test')
+  config.stages = 'teacher,evaluate'
+  app.run(config, str(tmp_path))
+  names = {p.name for p in (tmp_path / 'reports').glob('*.png')}
+  assert names == {'eval_teacher_roc.png', 'eval_teacher_cbam_attention.png'}, names
+  roc = np.asarray(Image.open(tmp_path / 'reports' / 'eval_teacher_roc.png'))
+  for colour in reports.CURVES[:3]:  # hq, 8px_both, 8px_probe_vs_hq
+    assert np.all(roc == colour, axis=-1).any()
+  overlay = np.asarray(Image.open(tmp_path / 'reports' / 'eval_teacher_cbam_attention.png'))
+  assert overlay.shape[0] == 4 * config.data.image_size and overlay.shape[1] > 2 * config.data.image_size

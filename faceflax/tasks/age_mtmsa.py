@@ -361,9 +361,9 @@ class Job(stages_lib.StageStates):
             pred[head], labels[head], names, f'{head} ({prefix})'), w)
     faces = reports.probe_faces(examples.paths, self.config.data.eval_pp, cache_pp(self.config))
     maps = self.model.apply(variables, jnp.asarray(faces))['attention']
-    for i, m in enumerate(maps):  # one overlay per MSA stage
-      reports.save(self.workdir, f'{prefix}_msa_attention_{i}',
-                   reports.attention_overlay(faces, np.asarray(m, np.float32)), w)
+    if maps:  # one overlay column per MSA stage
+      reports.save(self.workdir, f'{prefix}_msa_attention', reports.attention_overlay(
+          faces, [np.asarray(m, np.float32) for m in maps]), w)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

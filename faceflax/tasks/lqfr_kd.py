@@ -24,7 +24,7 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from faceflax import distributed, losses, metrics
+from faceflax import distributed, losses, metrics, reports
 from faceflax.data import pairs as pairs_lib, pipeline, synthetic
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, load_array, read_folder
@@ -301,8 +301,11 @@ def embed(model, variables, paths, config, mesh, quality: str, forward=None) -> 
   return np.concatenate(out)
 
 
-def verification_table(embeddings: dict, pairs, config) -> dict:
-  """embeddings: quality -> [N, D] over the unique images; pairs index into them."""
+def verification_table(embeddings: dict, pairs, config, rocs: dict | None = None) -> dict:
+  """embeddings: quality -> [N, D] over the unique images; pairs index into them.
+
+  ``rocs`` (if given) receives each row's ROC curve: key -> (fpr, tpr).
+  """
   a, b, same = pairs
   table = {}
   hq = embeddings.get('hq')
@@ -314,7 +317,10 @@ def verification_table(embeddings: dict, pairs, config) -> dict:
       sim = np.sum(e[a] * gallery, axis=1)
       acc = metrics.verification_accuracy(sim, same, num_folds=config.eval.num_folds)
       tar, _ = metrics.tar_at_far(sim, same, far=config.eval.far)
-      table[q if q == 'hq' else f'{q}px_{side}'] = {**acc, f'tar_at_far_{config.eval.far:g}': tar}
+      key = q if q == 'hq' else f'{q}px_{side}'
+      table[key] = {**acc, f'tar_at_far_{config.eval.far:g}': tar}
+      if rocs is not None:
+        rocs[key] = metrics.roc_curve(sim, same)[:2]
   return table
 
 
@@ -410,7 +416,8 @@ class Job(stages_lib.StageStates):
       raise checkpoint.CheckpointError(f'no trained teacher or student in {self.workdir}')
     return out
 
-  def score(self, models: dict) -> dict:
+  def score(self, models: dict, prefix: str | None = None) -> dict:
+    """Verification table per model; with ``prefix``, also its report PNGs (README)."""
     paths, pairs = eval_pairs(self.config)
     results, forwards = {}, {}
     for name, (model, variables) in models.items():
@@ -418,14 +425,28 @@ class Job(stages_lib.StageStates):
       forward = forwards.setdefault(id(model), embedding_fn(model, self.mesh))
       emb = {q: embed(model, variables, paths, self.config, self.mesh, q, forward)
              for q in qualities(self.config)}
-      results[name] = {**verification_table(emb, pairs, self.config),
+      rocs = {}
+      results[name] = {**verification_table(emb, pairs, self.config, rocs),
                        **model_report(model, variables, self.config.data.image_size)}
+      if prefix is not None and jax.process_index() == 0:
+        self.write_reports(f'{prefix}_{name}', model, variables, paths, rocs)
     ref = external_reference(self.config, paths, pairs)
     if ref is not None:
       results['external_teacher_embeddings'] = ref
     results['data'] = {'dir': self.config.data.dir, 'pairs': self.config.data.eval_pairs,
                        'num_pairs': int(len(pairs[2])), 'num_images': len(paths)}
     return results
+
+  def write_reports(self, prefix: str, model, variables, paths, rocs: dict) -> None:
+    """ROC curves per quality and CBAM spatial attention (per stage) on 4 faces -> reports/."""
+    w = self.writer
+    reports.save(self.workdir, f'{prefix}_roc', reports.roc_image(
+        [f for f, _ in rocs.values()], [t for _, t in rocs.values()], list(rocs), prefix), w)
+    faces = reports.probe_faces(paths, 'value_range(-1, 1)', cache_pp(self.config))
+    maps = model.apply(variables, jnp.asarray(faces))['spatial_attention']
+    if maps:  # none with model.attention=False
+      reports.save(self.workdir, f'{prefix}_cbam_attention', reports.attention_overlay(
+          faces, [np.asarray(m, np.float32) for m in maps]), w)
 
 
 def _trained_names(stage_names) -> list[str]:
@@ -470,7 +491,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {}
   models = job.trained_models(
       ['teacher'] + [n for n in _trained_names(names) if n != 'teacher'], require_all=True)
-  results = job.score(models)
+  results = job.score(models, 'eval')
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
   log_table(results, job.writer)
@@ -491,8 +512,8 @@ def evaluate(config, workdir: str) -> dict:
     raise ValueError('--mode=eval needs --config.data.dir (a folder-format dataset with '
                      'the pairs file data.eval_pairs)')
   job, models = trained(config, workdir)
-  results = job.score(models)
   name = os.path.basename(os.path.normpath(config.data.dir))
+  results = job.score(models, f'eval_{name}')
   log_table(results, None)
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
