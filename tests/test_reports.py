@@ -133,6 +133,10 @@ def test_age_job_writes_scatter_confusions_and_msa_attention(faces, tmp_path):
   overlay = np.asarray(Image.open(tmp_path / 'reports' / 'eval_msa_attention.png'))
   size = config.data.image_size
   assert overlay.shape == (4 * size, (1 + len(config.model.msa_stages)) * size, 3)
+  # --mode=eval writes its own, named after the evaluated folder
+  config.eval.split = 'val'
+  app.run(config, str(tmp_path), mode='eval')
+  assert (tmp_path / 'reports' / f'eval_{faces.name}_race_confusion.png').exists()
 
 
 def test_lqfr_job_writes_roc_per_quality_and_cbam_attention(tmp_path):
