@@ -24,8 +24,14 @@ def to_uint8(image) -> np.ndarray:
 
 
 def save(workdir: str, name: str, image, writer=None, step: int = 0) -> str:
-  """Writes ``<workdir>/reports/<name>.png`` (and ``name`` to TensorBoard via ``writer``)."""
+  """Writes ``<workdir>/reports/<name>.png`` (and ``name`` to TensorBoard via ``writer``).
+
+  Every process may call it (their writers only log); only process 0 writes the file.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
   image = to_uint8(image)
+  if jax.process_index() > 0:
+    return ''
   path = os.path.join(workdir, 'reports', f'{name}.png')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   Image.fromarray(image).save(path)

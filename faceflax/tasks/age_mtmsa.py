@@ -341,8 +341,7 @@ class Job(stages_lib.StageStates):
     variables = self.variables()
     pred = predict(self.model, variables, examples, self.config, self.mesh)
     results = score(pred, examples)
-    if jax.process_index() == 0:
-      self.write_reports(pred, examples, variables, prefix)
+    self.write_reports(pred, examples, variables, prefix)  # all processes: the model runs
     results['model'] = model_report(self.model, variables, self.config)
     results['data'] = {'dir': self.config.data.dir, 'format': self.config.data.format,
                        'split': split, 'n': len(examples)}

@@ -437,8 +437,8 @@ class Job:
                         rngs={'mask': jax.random.key(step)})
       grid = reconstruction_grid(out, model.patch, cfg.norm_pix)
       self.writer.write_images(step, {f'{name}/reconstruction': grid})
-      if jax.process_index() == 0:  # the latest one as a PNG (README "Use a trained model")
-        reports.save(self.workdir, f'{name}_reconstruction', np.concatenate(list(grid), 0))
+      # the latest one as a PNG (README "Use a trained model"); process 0 writes it
+      reports.save(self.workdir, f'{name}_reconstruction', np.concatenate(list(grid), 0))
     return on_log
 
 
@@ -509,8 +509,6 @@ def predict_photos(config, workdir: str, input_path: str, output: str, align: st
 
 def _write_reports(workdir, preds, prefix, writer):
   """Predicted-vs-true beauty scatter per model -> <workdir>/reports/<prefix>_<who>_scatter.png."""
-  if jax.process_index() > 0:
-    return
   for who, (pred, target) in preds.items():
     reports.save(workdir, f'{prefix}_{who}_scatter',
                  reports.scatter(pred, target, f'{who}: predicted vs true beauty ({prefix})'), writer)

@@ -428,7 +428,7 @@ class Job(stages_lib.StageStates):
       rocs = {}
       results[name] = {**verification_table(emb, pairs, self.config, rocs),
                        **model_report(model, variables, self.config.data.image_size)}
-      if prefix is not None and jax.process_index() == 0:
+      if prefix is not None:  # all processes (the model runs); process 0 writes the files
         self.write_reports(f'{prefix}_{name}', model, variables, paths, rocs)
     ref = external_reference(self.config, paths, pairs)
     if ref is not None:
