@@ -172,10 +172,25 @@ def pool_tokens(tokens, grid: int):
   return einops.reduce(tokens, 'b (h p w q) d -> b (h w) d', 'mean', h=grid, p=f, w=grid, q=f)
 
 
-def kd_pairs(cfg, student: mae.MAE, teacher: mae.MAE):
-  """(student_block, teacher_block) pairs; negative indices count from the end."""
-  pairs = [tuple(int(i) for i in p.split(':')) for p in cfg.feature_pairs.split(',') if p]
-  return [(s % student.depth, t % teacher.depth) for s, t in pairs]
+def kd_pairs(cfg, student: mae.MAE, teacher: mae.MAE) -> list[tuple[int, int]]:
+  """(student_block, teacher_block) pairs of ``feature_pairs``, negative indices resolved.
+
+  ``'s:t,...'``, each index counted from the end when negative; anything else
+  raises naming the entry (``check_config`` calls this before any run).
+  """
+  pairs = []
+  for entry in (p.strip() for p in cfg.feature_pairs.split(',')):
+    if not entry:
+      continue
+    parts = entry.split(':')
+    if not (len(parts) == 2 and all(i.strip().lstrip('-').isdigit() for i in parts)
+            and -student.depth <= int(parts[0]) < student.depth
+            and -teacher.depth <= int(parts[1]) < teacher.depth):
+      raise ValueError(f'student.kd.feature_pairs={cfg.feature_pairs!r}: {entry!r} is not '
+                       f'student_block:teacher_block with blocks in -{student.depth}.. '
+                       f'{student.depth - 1} and -{teacher.depth}..{teacher.depth - 1}')
+    pairs.append((int(parts[0]) % student.depth, int(parts[1]) % teacher.depth))
+  return pairs
 
 
 def output_kd(cfg, s_out, t_out) -> jax.Array:
@@ -321,14 +336,7 @@ def check_config(config) -> None:
                      f'wider and no deeper than teacher.model (width {teacher.width}, depth '
                      f'{teacher.depth}): the student is the distilled, smaller model')
   kd = config.student.kd
-  pairs = [p.split(':') for p in kd.feature_pairs.split(',') if p.strip()]
-  for pair in pairs:
-    if not (len(pair) == 2 and all(i.strip().lstrip('-').isdigit() for i in pair)
-            and -student.depth <= int(pair[0]) < student.depth
-            and -teacher.depth <= int(pair[1]) < teacher.depth):
-      raise ValueError(f'student.kd.feature_pairs={kd.feature_pairs!r}: {":".join(pair)!r} is not '
-                       f'student_block:teacher_block with blocks in -{student.depth}.. '
-                       f'{student.depth - 1} and -{teacher.depth}..{teacher.depth - 1}')
+  pairs = kd_pairs(kd, student, teacher)
   if kd.output_kd not in ('kl', 'score'):
     raise ValueError(f"student.kd.output_kd={kd.output_kd!r}: expected 'kl' or 'score'")
   if kd.beta and pairs and student.grid % teacher.grid:
