@@ -31,9 +31,9 @@ def _build(builder_cls, manual_dir, data_dir, config=None):
   return builder
 
 
-def _rows(builder, split, key='filename'):
-  """The split's rows as numpy, images as their stored bytes, sorted by `key`."""
-  decoders = {'image': tfds.decode.SkipDecoding()} if key == 'filename' else None
+def _rows(builder, split, key='filename', raw_images=True):
+  """The split's rows as numpy, sorted by `key`; `raw_images`: images as their stored bytes."""
+  decoders = {'image': tfds.decode.SkipDecoding()} if raw_images else None
   dataset = builder.as_dataset(split=split, decoders=decoders)
   return sorted(tfds.as_numpy(dataset), key=lambda row: row[key])
 
@@ -112,8 +112,8 @@ def test_adience_fold(tmp_path):
   ages = ['(0, 2)', '(4, 6)', '(8, 12)', '(15, 20)', '(25, 32)', '(38, 43)', '(48, 53)',
           '(60, 100)', '(25, 32)', '(8, 13)']
   for fold in range(5):
-    rows = [(f'user{fold}', f'{fold}{i}.jpg', 10 * fold + i, ages[2 * fold + i], 'mfu'[i])
-            for i in range(2)]
+    rows = [(f'user{fold}', f'{fold}{i}.jpg', 10 * fold + i, ages[2 * fold + i],
+             'mfu'[(fold + i) % 3]) for i in range(2)]  # 'u': gender -1.
     if fold == 0:
       rows += [('user0', 'x.jpg', 7, 'None', 'm'), ('user0', 'y.jpg', 8, '(38, 48)', 'f')]
     lines = [header]
@@ -126,6 +126,7 @@ def test_adience_fold(tmp_path):
     examples = age_datasets.read_adience(tmp_path, split, 'fold1').examples
     rows = _assert_matches_reader(builder, split, examples, tmp_path)
     assert len(rows) == size
+    assert split == 'test' or -1 in [row['gender'] for row in rows]
   assert [row['age_group'] for row in rows] == [2, 3]  # fold 1: (8, 12), (15, 20)
   assert builder.info.features['age_group'].names[3] == '15-20'
 
@@ -143,7 +144,7 @@ def test_fer2013(tmp_path):
   _fer_csv(tmp_path / 'fer2013.csv', [(i, faces[i], u) for i, u in enumerate(usages)])
   builder = _build(builders.fer2013.Fer2013, tmp_path, tmp_path / 'tfds')
   for split, lines in (('train', [2, 4, 6]), ('val', [3, 7]), ('test', [5])):
-    rows = _rows(builder, split, key='line')
+    rows = _rows(builder, split, key='line', raw_images=False)
     assert [row['line'] for row in rows] == lines
     for row, parsed in zip(rows, fer2013.read_fer2013(tmp_path / 'fer2013.csv', split)):
       assert row['emotion'] == parsed.emotion == row['line'] - 2

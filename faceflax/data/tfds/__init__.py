@@ -2,9 +2,9 @@
 
 Importing this package registers them: scut_fbp5500, utkface, morph2, adience,
 fer2013, celeba. Each parses its files with the faceflax reader of that layout,
-so a cached dataset has the same rows, splits and labels as the reader. Build:
-  PYTHONPATH=. tfds build scut_fbp5500 --imports=faceflax.data.tfds --manual_dir=DIR
-(data/README.md, "Caching with TFDS").
+so a cached dataset has the same rows, splits and labels as the reader. Build with
+  python -m faceflax.data.tfds scut_fbp5500 --manual_dir=DIR
+or `tfds build --imports=faceflax.data.tfds ...` (data/README.md, "Caching with TFDS").
 """
 
 from faceflax.data.tfds import adience, celeba, fer2013, morph2, scut_fbp5500, utkface
