@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, check_relative, screen_files
+from faceflax.data.folder import Examples, check_relative, csv_rows, screen_files
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 MAX_AGE = 116  # UTKFace's range is 0..116; the other datasets lie inside it.
@@ -238,12 +238,7 @@ def read_morph(root, split='train', protocol='random_80_20', *, csv_path=None,
     paths = []
     labels = {'age': [], 'gender': [], 'race': [], 'age_group': []}
     num_rows = 0
-    for row in reader:
-      if not any(field.strip() for field in row):
-        continue
-      where = f'{path}: line {reader.line_num}'
-      if len(row) != len(header):
-        raise DataError(f'{where}: expected {len(header)} fields, got {len(row)}')
+    for where, row in csv_rows(reader, path, len(header)):
       num_rows += 1
       filename = row[columns['filename']].strip()
       check_relative(filename, where)

@@ -66,6 +66,17 @@ def check_relative(filename, where):
                     'inside the image folder')
 
 
+def csv_rows(reader, path, num_fields):
+  """(where, row) of each non-blank row left in a csv.reader; another field count raises."""
+  for row in reader:
+    if not any(field.strip() for field in row):
+      continue
+    where = f'{path}: line {reader.line_num}'
+    if len(row) != num_fields:
+      raise DataError(f'{where}: expected {num_fields} fields, got {len(row)}')
+    yield where, row
+
+
 def load_array(path, mmap_mode=None) -> np.ndarray:
   """A plain ``.npy`` array (one row per labels.csv row); never unpickles: data files are untrusted."""
   try:
