@@ -207,7 +207,7 @@ def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
   ds = pipeline.make_eval_dataset(paths[:whole], {'face_shapes': shapes[:whole]}, batch_size=bs,
                                   pp=pp(config, config.data.eval_pp), cache_pp=cache_pp(config),
                                   process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(), progress='evaluate')
   sums = {}
   for i, batch in enumerate(ds):
     batch = mesh_lib.put_batch({k: batch[k] for k in ('image', 'regions')}, mesh)

@@ -273,7 +273,7 @@ def predict_scores(model, params, examples, config, mesh) -> tuple[np.ndarray, n
   ds = pipeline.make_eval_dataset(examples.paths, {'score': examples.labels['score']},
                                   batch_size=bs, pp=config.data.eval_pp,
                                   cache_pp=cache_pp(config), process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(), progress='evaluate')
   preds, targets = [], []
   for batch in ds:
     batch = mesh_lib.put_batch(batch, mesh)
