@@ -16,7 +16,6 @@ outputs (embeddings) go to ``<output stem>_<name>.npy``, one row per CSV row
 import csv
 import dataclasses
 import os
-import time
 from typing import Callable
 
 import numpy as np
@@ -24,13 +23,13 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image, ImageOps
 
+from faceflax import progress as progress_lib
 from faceflax.data import align as align_lib, images, ops, sources
 from faceflax.data.errors import DataError
 from faceflax.train import mesh as mesh_lib
 
 EXTENSIONS = sources.IMAGE_EXTENSIONS + ('.webp', '.gif')
 SCORED = ('ok', 'several_faces')  # statuses whose row holds predictions
-LOG_EVERY_SECONDS = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,37 +121,11 @@ class Loader:
     return row, [pp({'image': c})['image'].numpy() for pp, c in zip(self.pp, chips)]
 
 
-class Progress:
-  """A log line every LOG_EVERY_SECONDS (and at the end): count, rate, ETA."""
-
-  def __init__(self, what: str, total: int):
-    self.what, self.total = what, total
-    self.start = self.last = time.perf_counter()
-
-  def update(self, done: int) -> None:
-    now = time.perf_counter()
-    if done < self.total and now - self.last < LOG_EVERY_SECONDS:
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (self.total - done) / rate if rate else float('inf')
-    logging.info('%s: %d/%d (%.0f%%), %.1f/s, ETA %s', self.what, done, self.total,
-                 100 * done / self.total, rate, _duration(eta))
-
-
-def _duration(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return '?'
-  m, s = divmod(int(round(seconds)), 60)
-  h, m = divmod(m, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s' if m else f'{s}s'
-
-
 def score_files(paths, heads: list[Head], mesh, batch_size: int, align_mode: str,
                 what: str = 'predict') -> tuple[list[dict], dict[str, np.ndarray]]:
   """(one row per path, {output name: [len(paths), ...]}); unscored rows hold NaN."""
   mesh_lib.check_batch_size(batch_size, 'eval_batch_size', mesh)
-  loader, progress = Loader(heads, align_mode), Progress(what, len(paths))
+  loader, progress = Loader(heads, align_mode), progress_lib.Progress(what, len(paths))
   rows, outputs = [], {}
   for start in range(0, len(paths), batch_size):
     chunk = paths[start:start + batch_size]

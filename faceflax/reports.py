@@ -12,6 +12,7 @@ SIZE = 320
 MARGIN = 40
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (160, 160, 160)
 POINT = (31, 119, 180)
+BAR_LABEL, BAR_ROW = 110, 12  # bar charts: name column width, row height
 CURVES = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189))
 
 
@@ -136,6 +137,49 @@ def roc_image(fpr, tpr, label='', title: str = 'ROC') -> np.ndarray:
   return ax.array()
 
 
+def bar_chart(values, names, title: str = '', lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+  """One horizontal bar per name, from ``lo`` to its value (clipped to [lo, hi]), value printed."""
+  values = np.asarray(values, np.float64).ravel()
+  left, top, row = MARGIN + BAR_LABEL, MARGIN, BAR_ROW
+  img = Image.new('RGB', (left + SIZE + MARGIN, top + len(values) * row + MARGIN), WHITE)
+  d = ImageDraw.Draw(img)
+  d.text((MARGIN, 8), title, fill=BLACK)
+  d.text((left - 6, top - 14), f'{lo:.3g}', fill=BLACK)
+  d.text((left + SIZE - 6, top - 14), f'{hi:.3g}', fill=BLACK)
+  d.rectangle([left, top, left + SIZE, top + len(values) * row], outline=GREY)
+  for i, (v, name) in enumerate(zip(values, names)):
+    y0 = top + i * row
+    d.text((4, y0), str(name)[:BAR_LABEL // 6], fill=BLACK)
+    if np.isfinite(v):
+      width = bar_pixels(v, lo, hi)
+      if width:
+        d.rectangle([left + 1, y0 + 2, left + width, y0 + row - 3], fill=POINT)
+      d.text((left + width + 4, y0), f'{v:.3f}', fill=BLACK)
+  return np.asarray(img)
+
+
+def bar_pixels(value: float, lo: float, hi: float) -> int:
+  """The length in pixels of ``value``'s bar."""
+  return int(round(SIZE * (np.clip(value, lo, hi) - lo) / (hi - lo)))
+
+
+def reconstruction_grid(out, patch: int, norm_pix: bool) -> np.ndarray:
+  """MAE outputs -> [B, H, 3W, 3] in [0, 1]: masked input | prediction | original per face.
+
+  ``out`` holds ``pred``, ``target`` (patches in [-1, 1]) and ``mask`` (1 = masked).
+  """
+  from faceflax.models import mae  # pylint: disable=g-import-not-at-top
+  pred, target, mask = (np.asarray(out[k], np.float32) for k in ('pred', 'target', 'mask'))
+  if norm_pix:  # undo the per-patch normalisation with the true patch statistics
+    mu, sd = target.mean(-1, keepdims=True), np.sqrt(target.var(-1, keepdims=True) + 1e-6)
+    pred = pred * sd + mu
+  m = mask[..., None]
+  rows = [target * (1 - m), pred * m + target * (1 - m), target]
+  imgs = [np.asarray(mae.unpatchify(r, patch)) for r in rows]
+  grid = np.concatenate(imgs, axis=2)
+  return np.clip((grid + 1) / 2, 0, 1)
+
+
 def _heat(m):
   """[..., H, W] in [0, 1] -> [..., H, W, 3] blue -> red."""
   m = np.clip(m, 0, 1)[..., None]
@@ -172,10 +216,15 @@ def attention_overlay(faces, maps, alpha: float = 0.5) -> np.ndarray:
   return to_uint8(grid)
 
 
-def probe_faces(paths, pp: str, cache_pp: str, n: int = 4) -> np.ndarray:
-  """The first ``n`` images of ``paths`` as the model sees them in evaluation ([n, H, W, 3])."""
+def probe_batch(paths, pp: str, cache_pp: str, n: int = 4, labels=None) -> dict:
+  """The first ``n`` examples of ``paths`` (and ``labels``) as evaluation batches them."""
   from faceflax.data import pipeline  # pylint: disable=g-import-not-at-top
   paths = list(paths)[:n]
-  batch = next(iter(pipeline.make_eval_dataset(paths, {}, batch_size=len(paths), pp=pp,
-                                               cache_pp=cache_pp)))
-  return np.asarray(batch['image'])
+  labels = {k: np.asarray(v)[:n] for k, v in (labels or {}).items()}
+  return next(iter(pipeline.make_eval_dataset(paths, labels, batch_size=len(paths), pp=pp,
+                                              cache_pp=cache_pp)))
+
+
+def probe_faces(paths, pp: str, cache_pp: str, n: int = 4) -> np.ndarray:
+  """The first ``n`` images of ``paths`` as the model sees them in evaluation ([n, H, W, 3])."""
+  return np.asarray(probe_batch(paths, pp, cache_pp, n)['image'])

@@ -1,4 +1,5 @@
-"""Visual reports: renderers draw what they claim; a tiny FBP job writes its PNGs."""
+"""Visual reports: renderers draw what they claim; each task's tiny job writes its PNGs."""
+import csv
 import os
 
 import numpy as np
@@ -6,9 +7,10 @@ from PIL import Image
 
 from faceflax import reports
 from faceflax.reports import MARGIN, SIZE
-from tests import test_age
+from tests import test_age, test_transfer
 
 faces = test_age.faces  # the tiny age dataset fixture
+data_root = test_transfer.data_root  # the four tiny downstream datasets
 
 
 def _is_rgb_uint8(img):
@@ -89,6 +91,17 @@ def test_attention_overlay_upsamples_and_heats_the_attended_region():
   np.testing.assert_array_equal(several[:, :64], img)
 
 
+def test_bar_chart_bars_have_the_numpy_length_of_their_values():
+  values = np.array([0.0, 0.25, 0.5, 0.9, 1.0, 1.7, -0.2])  # the last two are clipped
+  img = reports.bar_chart(values, [f'attr_{i}' for i in range(7)], 'test')
+  assert _is_rgb_uint8(img)
+  left, row = MARGIN + reports.BAR_LABEL, reports.BAR_ROW
+  expected = np.round(SIZE * np.clip(values, 0, 1)).astype(int)
+  middle = MARGIN + np.arange(7) * row + row // 2
+  lengths = np.all(img[middle, left:] == reports.POINT, axis=-1).sum(1)
+  np.testing.assert_array_equal(lengths, expected)
+
+
 class _Writer:
   def __init__(self):
     self.images = {}
@@ -152,3 +165,46 @@ def test_lqfr_job_writes_roc_per_quality_and_cbam_attention(tmp_path):
     assert np.all(roc == colour, axis=-1).any()
   overlay = np.asarray(Image.open(tmp_path / 'reports' / 'eval_teacher_cbam_attention.png'))
   assert overlay.shape[0] == 4 * config.data.image_size and overlay.shape[1] > 2 * config.data.image_size
+
+
+def test_transfer_job_writes_a_picture_per_task_and_protocol(data_root, tmp_path):
+  from faceflax import app
+  config = test_transfer._config(data_root)  # pylint: disable=protected-access
+  app.run(config, str(tmp_path))
+  names = {p.name for p in (tmp_path / 'reports').glob('*.png')}
+  kinds = {'expression': 'confusion', 'attributes': 'accuracy', 'age': 'scatter',
+           'beauty': 'scatter'}
+  assert names == {f'eval_{t}_{p}_{k}.png' for t, k in kinds.items()
+                   for p in ('linear', 'fewshot', 'finetune')}, names
+  bars = np.asarray(Image.open(tmp_path / 'reports' / 'eval_attributes_linear_accuracy.png'))
+  assert bars.shape[0] == 2 * MARGIN + len(test_transfer.ATTRIBUTES) * reports.BAR_ROW
+  confusion = np.asarray(Image.open(tmp_path / 'reports' / 'eval_expression_finetune_confusion.png'))
+  assert confusion.shape[0] > 7 * (SIZE // 7)  # one row per FER class
+
+
+def test_face_prior_job_writes_its_reconstruction(tmp_path):
+  from faceflax import app
+  from faceflax.data import synthetic
+  from tests import configs_for_tests
+  root = tmp_path / 'data' / 'plain'
+  (root / 'images').mkdir(parents=True)
+  images, _ = synthetic.make_faces(32, size=32, seed=0)
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(root / 'images' / f'{i:02d}.png')
+  with open(root / 'labels.csv', 'w', newline='') as f:
+    csv.writer(f).writerows([('filename', 'split')] + [
+        (f'{i:02d}.png', 'train' if i < 24 else 'val') for i in range(32)])
+  config = configs_for_tests.load('face_prior', 'test')
+  config.data.update(root=str(tmp_path / 'data'), datasets='plain')
+  config.eval_batch_size = 8
+  work = tmp_path / 'work'
+  app.run(config, str(work))
+  grid = np.asarray(Image.open(work / 'reports' / 'eval_reconstruction.png'))
+  size = config.data.image_size
+  assert grid.shape == (4 * size, 3 * size, 3)
+  masked, original = grid[:, :size].astype(int), grid[:, 2 * size:].astype(int)
+  # the input column is the original with the masked patches grey (0 in [-1, 1])
+  hidden = np.any(masked != original, axis=-1)
+  assert np.all(masked[hidden] == 128) and 0.5 < hidden.mean() <= 0.75
+  app.run(config, str(work), mode='eval')  # named after the evaluated split
+  assert (work / 'reports' / 'eval_val_reconstruction.png').exists()

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from faceflax import progress
 from faceflax.data import bad_data, ops
 from faceflax.data.errors import DataError
 
@@ -77,7 +78,8 @@ def screen(paths, where: str, *, skippable: bool = True, colour_set: bool = True
   """
   paths = [str(p) for p in paths]
   with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-    results = list(pool.map(inspect, paths))
+    results = list(progress.logged(pool.map(inspect, paths), f'{where}: screening images',
+                                   len(paths)))
   whys = [why for why, _ in results]
   keep = bad_data.screen(where, 'image file(s) missing', paths,
                          ['' if why == 'missing' else None for why in whys], skippable=skippable)

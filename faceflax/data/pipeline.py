@@ -10,6 +10,7 @@ which makes resuming at any step exact and cheap.
 import numpy as np
 import tensorflow as tf
 
+from faceflax import progress as progress_lib
 from faceflax.data import images, ops  # ops also hides GPUs from TensorFlow.
 from faceflax.data.errors import DataError
 
@@ -51,12 +52,21 @@ def _local_batch_size(batch_size, process_count):
   return batch_size // process_count
 
 
-def _loaded(columns, cache_pp):
-  """Dataset of examples with file bytes read and `cache_pp` applied."""
+def _loaded(columns, cache_pp, progress=''):
+  """Dataset of examples with file bytes read and `cache_pp` applied.
+
+  ``progress``: the name of progress lines as examples load (a long first step when a
+  large split is decoded and resized into the cache).
+  """
   preprocess = ops.get_preprocess_fn(cache_pp)
+  tick = progress_lib.counter(progress, len(columns['image'])) if progress else None
 
   def load(example):
-    return preprocess(dict(example, image=tf.io.read_file(example['image'])))
+    example = preprocess(dict(example, image=tf.io.read_file(example['image'])))
+    if tick is not None:  # the image depends on the count, so the call is never pruned
+      with tf.control_dependencies([tf.py_function(tick, [], tf.int64)]):
+        example['image'] = tf.identity(example['image'])
+    return example
   return tf.data.Dataset.from_tensor_slices(columns).map(
       load, num_parallel_calls=AUTOTUNE, deterministic=True)
 
@@ -85,7 +95,8 @@ def make_train_dataset(paths, labels, *, batch_size, pp, seed, start_step=0,
     validate_images(paths)
 
   columns['_index'] = np.arange(num_examples)
-  everything = _loaded(columns, cache_pp).batch(num_examples)
+  everything = _loaded(columns, cache_pp, f'caching the training images ({cache_pp})')
+  everything = everything.batch(num_examples)
   if not everything.element_spec['image'].shape[1:].is_fully_defined():
     raise ValueError(f'cache_pp {cache_pp!r} must give fixed-size images (end with resize)')
   everything = everything.cache()
@@ -129,26 +140,35 @@ def make_train_dataset(paths, labels, *, batch_size, pp, seed, start_step=0,
 
 
 class _NumpyBatches:
-  """Re-iterable view of a finite tf.data.Dataset as numpy batches."""
+  """Re-iterable view of a finite tf.data.Dataset as numpy batches.
 
-  def __init__(self, dataset, num_batches):
+  With ``progress`` (a name), a pass logs count, rate and ETA over its examples.
+  """
+
+  def __init__(self, dataset, num_batches, progress='', num_examples=0, batch_size=1):
     self.dataset = dataset
     self.num_batches = num_batches
+    self.progress, self.num_examples, self.batch_size = progress, num_examples, batch_size
 
   def __iter__(self):
-    return self.dataset.as_numpy_iterator()
+    batches = self.dataset.as_numpy_iterator()
+    if not self.progress:
+      return batches
+    return progress_lib.logged(batches, self.progress, self.num_examples, self.batch_size)
 
   def __len__(self):
     return self.num_batches
 
 
 def make_eval_dataset(paths, labels, *, batch_size, pp, process_index=0,
-                      process_count=1, cache_pp='decode|resize(64)', validate=True):
+                      process_count=1, cache_pp='decode|resize(64)', validate=True,
+                      progress=''):
   """Every example exactly once, in order, padded to whole batches.
 
   Each batch has a boolean 'mask' (False on padding rows). Global batch s is
   split across processes like in training, so all processes yield the same
-  number of batches.
+  number of batches. ``progress``: the name of periodic progress lines for a pass
+  that takes long (the first one also decodes and resizes every image).
   """
   columns = _columns(paths, labels)
   num_examples = len(paths)
@@ -174,4 +194,5 @@ def make_eval_dataset(paths, labels, *, batch_size, pp, process_index=0,
              .map(process, num_parallel_calls=AUTOTUNE, deterministic=True)
              .batch(local_batch)
              .prefetch(AUTOTUNE))
-  return _NumpyBatches(_with_options(dataset), num_batches)
+  return _NumpyBatches(_with_options(dataset), num_batches, progress, num_examples,
+                       batch_size)

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from faceflax import config_checks, losses
+from faceflax import config_checks, losses, reports
 from faceflax.data import face_regions, pipeline
 from faceflax.data.errors import DataError
 from faceflax.data.folder import read_folder
@@ -87,16 +87,25 @@ def component_members(fractions, threshold: float, rng):
   return (member & present.any(axis=1, keepdims=True)).astype(jnp.float32)
 
 
-def prior_terms(model: mae.MAE, heads: PriorHeads, cfg, params, batch, rng, train=True):
-  """(weighted total, per-term dict) of the enabled face-prior tasks on one batch."""
-  images = batch['image']
-  fractions = face_regions.patch_fractions(batch['regions'], model.patch)  # [B, N, R]
+def masked_pretrain(model: mae.MAE, cfg, mae_params, images, fractions, rng, train=True):
+  """The MAE pretraining pass with this task's masking: (outputs, component members or None).
+
+  With the component task on, one facial component per face is masked whole first.
+  """
   mask_rng, component_rng, dropout_rng = jax.random.split(rng, 3)
   member = None
   if cfg.component_weight:
     member = component_members(fractions, cfg.membership_threshold, component_rng)
-  out = model.apply({'params': params['mae']}, images, train, mask_priority=member,
+  out = model.apply({'params': mae_params}, images, train, mask_priority=member,
                     method=model.pretrain, rngs={'mask': mask_rng, 'dropout': dropout_rng})
+  return out, member
+
+
+def prior_terms(model: mae.MAE, heads: PriorHeads, cfg, params, batch, rng, train=True):
+  """(weighted total, per-term dict) of the enabled face-prior tasks on one batch."""
+  images = batch['image']
+  fractions = face_regions.patch_fractions(batch['regions'], model.patch)  # [B, N, R]
+  out, member = masked_pretrain(model, cfg, params['mae'], images, fractions, rng, train)
   region_logits, component_pred = heads.apply({'params': params['prior']}, out['latent'],
                                               out['decoded'])
   terms, aux = {}, {}
@@ -198,7 +207,7 @@ def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
   ds = pipeline.make_eval_dataset(paths[:whole], {'face_shapes': shapes[:whole]}, batch_size=bs,
                                   pp=pp(config, config.data.eval_pp), cache_pp=cache_pp(config),
                                   process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(), progress='evaluate')
   sums = {}
   for i, batch in enumerate(ds):
     batch = mesh_lib.put_batch({k: batch[k] for k in ('image', 'regions')}, mesh)
@@ -227,11 +236,12 @@ class Job(stages_lib.StageStates):
     faces = None if restore_only else load_faces(self.config, self.config.data.train_split)
     return pretrain_stage(name, self.model, self.heads, self.config, faces)
 
-  def evaluate_on(self, split: str) -> dict:
+  def evaluate_on(self, split: str, prefix: str = 'eval') -> dict:
     faces = load_faces(self.config, split)
     params = self.state('pretrain')['params']
     results = {'val': evaluate_terms(self.model, self.heads, self.config, params, faces,
                                      self.mesh)}
+    self.write_reports(params, faces, prefix)  # all processes: the model runs
     results['model'] = {'variant': self.config.model.variant,
                         'encoder_params': loop.count_params(
                             {k: v for k, v in params['mae'].items()
@@ -240,6 +250,25 @@ class Job(stages_lib.StageStates):
     results['prior'] = self.config.prior.to_dict()
     results['data'] = {'datasets': self.config.data.datasets, 'split': split}
     return results
+
+  def write_reports(self, params, faces, prefix: str) -> None:
+    """The pretraining's masking and pixel reconstruction of 4 faces -> reports/.
+
+    Masked input | prediction | original, one row per face; skipped when the pixel task
+    is off (its decoder head is then untrained).
+    """
+    c = self.config
+    if not c.prior.pixel_weight:
+      return
+    paths, shapes = faces
+    batch = reports.probe_batch(paths, pp(c, c.data.eval_pp), cache_pp(c),
+                                labels={'face_shapes': shapes})
+    fractions = face_regions.patch_fractions(jnp.asarray(batch['regions']), self.model.patch)
+    out, _ = masked_pretrain(self.model, c.prior, params['mae'], jnp.asarray(batch['image']),
+                             fractions, jax.random.key(0), train=False)
+    grid = reports.reconstruction_grid(out, self.model.patch, c.prior.norm_pix)
+    reports.save(self.workdir, f'{prefix}_reconstruction', np.concatenate(list(grid), 0),
+                 self.writer)
 
 
 def check_data(config, workdir: str) -> None:
@@ -274,7 +303,7 @@ def evaluate(config, workdir: str) -> dict:
   """Re-scores the pretraining terms of ``workdir`` on ``data.datasets`` / ``eval.split``."""
   check_config(config)
   job = Job(stages_lib.restore_only(config), workdir)  # load, never train
-  results = job.evaluate_on(config.eval.split)
+  results = job.evaluate_on(config.eval.split, f'eval_{config.eval.split}')
   log_results(results, None)
   stages_lib.write_results(os.path.join(workdir, f'eval_{config.eval.split}.json'), results)
   return results

@@ -288,7 +288,7 @@ def predict_scores(model, params, examples, config, mesh) -> tuple[np.ndarray, n
   ds = pipeline.make_eval_dataset(examples.paths, {'score': examples.labels['score']},
                                   batch_size=bs, pp=config.data.eval_pp,
                                   cache_pp=cache_pp(config), process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(), progress='evaluate')
   preds, targets = [], []
   for batch in ds:
     batch = mesh_lib.put_batch(batch, mesh)
@@ -438,28 +438,15 @@ class Job:
       if step % every and step != cfg.steps:
         return
       if probe is None:
-        probe = next(pipeline.make_eval_dataset(
-            self.unlabeled[:4], {}, batch_size=4,
-            pp=self.config.data.eval_pp, cache_pp=cache_pp(self.config)).__iter__())['image']
+        probe = reports.probe_faces(self.unlabeled, self.config.data.eval_pp,
+                                    cache_pp(self.config))
       out = model.apply({'params': state['params']}, jnp.asarray(probe), method=model.pretrain,
                         rngs={'mask': jax.random.key(step)})
-      grid = reconstruction_grid(out, model.patch, cfg.norm_pix)
+      grid = reports.reconstruction_grid(out, model.patch, cfg.norm_pix)
       self.writer.write_images(step, {f'{name}/reconstruction': grid})
       # the latest one as a PNG (README "Use a trained model"); process 0 writes it
       reports.save(self.workdir, f'{name}_reconstruction', np.concatenate(list(grid), 0))
     return on_log
-
-
-def reconstruction_grid(out, patch: int, norm_pix: bool) -> np.ndarray:
-  pred, target, mask = (np.asarray(out[k], np.float32) for k in ('pred', 'target', 'mask'))
-  if norm_pix:  # undo the per-patch normalisation with the true patch statistics
-    mu, sd = target.mean(-1, keepdims=True), np.sqrt(target.var(-1, keepdims=True) + 1e-6)
-    pred = pred * sd + mu
-  m = mask[..., None]
-  rows = [target * (1 - m), pred * m + target * (1 - m), target]
-  imgs = [np.asarray(mae.unpatchify(jnp.asarray(r), patch)) for r in rows]
-  grid = np.concatenate(imgs, axis=2)  # [B, H, 3W, C]
-  return np.clip((grid + 1) / 2, 0, 1)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

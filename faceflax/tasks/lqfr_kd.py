@@ -291,7 +291,8 @@ def embed(model, variables, paths, config, mesh, quality: str, forward=None) -> 
   forward = forward or embedding_fn(model, mesh)
   ds = pipeline.make_eval_dataset(paths, {}, batch_size=bs, pp=pp, cache_pp=cache_pp(config),
                                   process_index=jax.process_index(),
-                                  process_count=jax.process_count(), validate=False)
+                                  process_count=jax.process_count(), validate=False,
+                                  progress=f'embed ({quality})')
   out = []
   for batch in ds:
     batch = mesh_lib.put_batch({'x': batch[key], 'mask': batch['mask']}, mesh)

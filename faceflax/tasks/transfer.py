@@ -33,7 +33,7 @@ from absl import logging
 from clu import metric_writers
 from flax import traverse_util
 
-from faceflax import config_checks, metrics
+from faceflax import config_checks, metrics, reports
 from faceflax.data import pipeline
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, drop_bad_rows, read_folder
@@ -111,6 +111,10 @@ class TaskData:
   val: Examples
   y_train: np.ndarray  # int class (classification), [N, K] 0/1 (multilabel), float (regression)
   y_val: np.ndarray
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.spec.class_names or tuple(str(i) for i in range(self.spec.num_classes))
 
   @property
   def out_dim(self) -> int:
@@ -422,11 +426,14 @@ def target_stats(data: TaskData) -> tuple[float, float]:
   return float(np.mean(data.y_train)), float(np.std(data.y_train) + 1e-6)
 
 
-def linear_probe(data: TaskData, x_train, x_val, cfg, rows=None) -> tuple[dict, dict]:
-  """Fits on the train features (``rows`` of them); (val scores, chosen regularisation)."""
+def linear_probe(data: TaskData, x_train, x_val, cfg, rows=None) -> tuple[dict, dict, np.ndarray]:
+  """Fits on the train features (``rows`` of them).
+
+  Returns (val scores, the chosen regularisation, val predictions).
+  """
   w, b, reg = fit_probe(data, x_train, cfg, rows)
   pred = decode(data.spec.kind, x_val @ w + b)
-  return score(data.spec, pred, data.y_val), reg
+  return score(data.spec, pred, data.y_val), reg, pred
 
 
 def train_prior(data: TaskData) -> dict:
@@ -441,12 +448,16 @@ def train_prior(data: TaskData) -> dict:
   return score(data.spec, pred, data.y_val)
 
 
-def fewshot_probe(data: TaskData, x_train, x_val, cfg) -> dict:
-  """Mean, std and per-seed values of every metric over ``cfg.fewshot.seeds`` draws."""
-  f, runs, regs, sizes = cfg.fewshot, [], [], []
+def fewshot_probe(data: TaskData, x_train, x_val, cfg) -> tuple[dict, np.ndarray]:
+  """Mean, std and per-seed values of every metric over ``cfg.fewshot.seeds`` draws.
+
+  Also returns the val predictions of the first draw (its report picture).
+  """
+  f, runs, regs, sizes, preds = cfg.fewshot, [], [], [], []
   for seed in range(f.seeds):
     rows = fewshot_indices(data.y_train, seed, data.spec.kind, f.per_class, f.fraction)
-    scores, reg = linear_probe(data, x_train, x_val, cfg.linear, rows)
+    scores, reg, pred = linear_probe(data, x_train, x_val, cfg.linear, rows)
+    preds.append(pred)
     runs.append(scores)
     regs.append(reg)
     sizes.append(len(rows))
@@ -456,7 +467,7 @@ def fewshot_probe(data: TaskData, x_train, x_val, cfg) -> dict:
     out.update({k: float(np.mean(values)), f'{k}_std': float(np.std(values)),
                 f'{k}_per_seed': values})
   out.update({f'{k}_per_seed': [r[k] for r in regs] for k in regs[0]})
-  return {**out, 'n_train': int(np.mean(sizes)), 'seeds': f.seeds}
+  return {**out, 'n_train': int(np.mean(sizes)), 'seeds': f.seeds}, preds[0]
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -564,7 +575,7 @@ class Job(stages_lib.StageStates):
     """Every requested protocol on one task; the fine-tuning stage runs or is restored."""
     data, c = self.data(task), self.config
     sizes = {'n_train': len(data.train), 'n_val': len(data.val)}
-    out = {'train_prior': {**train_prior(data), **sizes}}
+    out, preds = {'train_prior': {**train_prior(data), **sizes}}, {}
     if {'linear', 'fewshot'} & set(self.protocols):
       t = time.perf_counter()
       x_train, x_val = standardize(predict(self.features, self.params, data.train, c, self.mesh),
@@ -572,29 +583,41 @@ class Job(stages_lib.StageStates):
       seconds[f'{task}/features'] = time.perf_counter() - t
       if 'linear' in self.protocols:
         t = time.perf_counter()
-        scores, reg = linear_probe(data, x_train, x_val, c.linear)
+        scores, reg, preds['linear'] = linear_probe(data, x_train, x_val, c.linear)
         out['linear'] = {**scores, **reg, **sizes}
         seconds[f'{task}/linear'] = time.perf_counter() - t
       if 'fewshot' in self.protocols:
         t = time.perf_counter()
-        out['fewshot'] = {**fewshot_probe(data, x_train, x_val, c), 'n_val': len(data.val)}
+        scores, preds['fewshot'] = fewshot_probe(data, x_train, x_val, c)
+        out['fewshot'] = {**scores, 'n_val': len(data.val)}
         seconds[f'{task}/fewshot'] = time.perf_counter() - t
     name = stage_name(task)
     if 'finetune' in self.protocols and (c.stages or self.finished(name)):
-      out['finetune'] = {**self.score_finetuned(data), **sizes}
+      scores, preds['finetune'] = self.score_finetuned(data)
+      out['finetune'] = {**scores, **sizes}
       seconds[f'{task}/finetune'] = stages_lib.seconds(self.workdir, c.reuse_from, [name]).get(
           name, float('nan'))
     elif 'finetune' in self.protocols:
       logging.warning('%s: stage %s is not finished; its fine-tuning is not scored', task, name)
+    self.write_reports(data, preds)
     return out
 
-  def score_finetuned(self, data: TaskData) -> dict:
+  def write_reports(self, data: TaskData, preds: dict) -> None:
+    """One picture of the val predictions per protocol -> reports/ (process 0 writes)."""
+    for protocol, pred in preds.items():
+      title = f'{data.name}, {protocol}' + (' (first draw)' if protocol == 'fewshot' else '')
+      suffix, image = report_image(data, pred, f'{title} ({REPORT_PREFIX})')
+      reports.save(self.workdir, f'{REPORT_PREFIX}_{data.name}_{protocol}_{suffix}', image,
+                   self.writer)
+
+  def score_finetuned(self, data: TaskData) -> tuple[dict, np.ndarray]:
+    """(val scores, val predictions) of the task's fine-tuned model."""
     params = self.state(stage_name(data.name))['params']
     forward = jax.jit(functools.partial(finetune_forward, self.model, data.out_dim),
                       out_shardings=mesh_lib.replicated(self.mesh))
     outputs = predict(forward, params, data.val, self.config, self.mesh)
     pred = decode(data.spec.kind, outputs, target_stats(data))
-    return score(data.spec, pred, data.y_val)
+    return score(data.spec, pred, data.y_val), pred
 
 
 def check_backbone(workdir: str, backbone: dict, seed: int, record: bool) -> None:
@@ -670,7 +693,7 @@ def predict_photos(config, workdir: str, input_path: str, output: str,
     fn = jax.jit(functools.partial(finetune_forward, job.model, data.out_dim),
                  out_shardings=mesh_lib.replicated(job.mesh))
     if data.spec.kind == 'classification':
-      classes[task] = data.spec.class_names or tuple(str(i) for i in range(data.out_dim))
+      classes[task] = data.class_names
     heads.append(predict_lib.Head(functools.partial(
         _head_outputs, fn, job.state(stage_name(task))['params'], data, classes.get(task)),
         config.backbone.image_size, data.dir, config.data.eval_pp))
@@ -705,6 +728,24 @@ def _head_outputs(fn, params, data: TaskData, class_names, images) -> dict:
 
 
 # ----------------------------------------------------------------------------- reporting
+
+# The evaluate-stage prefix of the other tasks; --mode=eval scores the same val splits, so
+# it rewrites the same files.
+REPORT_PREFIX = 'eval'
+
+
+def report_image(data: TaskData, pred, title: str) -> tuple[str, np.ndarray]:
+  """(file suffix, picture) of a task's val predictions.
+
+  A confusion matrix (classification), predicted vs true (regression), or each
+  attribute's accuracy as a bar (multilabel).
+  """
+  if data.spec.kind == 'classification':
+    return 'confusion', reports.confusion_matrix_image(pred, data.y_val, data.class_names, title)
+  if data.spec.kind == 'regression':
+    return 'scatter', reports.scatter(pred, data.y_val, title)
+  accuracy = (np.asarray(pred) == data.y_val).mean(0)
+  return 'accuracy', reports.bar_chart(accuracy, data.columns, f'{title}: accuracy')
 
 def describe_backbone(b: dict) -> str:
   m = b['model']

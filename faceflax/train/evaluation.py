@@ -17,7 +17,7 @@ def predict_all(forward, params, paths, mesh, *, batch_size: int, pp: str, cache
   mesh_lib.check_batch_size(batch_size, 'eval_batch_size')
   ds = pipeline.make_eval_dataset(paths, {}, batch_size=batch_size, pp=pp, cache_pp=cache_pp,
                                   process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(), progress='evaluate')
   chunks = []
   for batch in ds:
     batch = mesh_lib.put_batch(batch, mesh)

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from faceflax import progress
 from faceflax.train import checkpoint, files, mesh as mesh_lib, preemption, state as state_lib
 from faceflax.train.preemption import Preempted  # pylint: disable=unused-import  # re-exported
 
@@ -183,7 +184,7 @@ def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
       files.write_json(done_marker(workdir, stage.name),
                        {'steps': stage.num_steps, 'seconds': seconds, 'compile_seconds': compile_s,
                         **({'skipped_steps': skipped} if on_nonfinite == 'skip' else {})})
-    logging.info('%s: done in %s', stage.name, _fmt_time(seconds))
+    logging.info('%s: done in %s', stage.name, progress.duration(seconds))
     if watcher.requested:  # the signal came during the last step: finish, then stop
       raise Preempted(stage.name, step)
   return state
@@ -225,7 +226,8 @@ def _train(stage, state, step, stage_dir, config, mesh, writer, mngr, watcher, a
     if is_log:
       now = time.perf_counter()
       img_s = (step - last_step) * stage.batch_size / max(now - t_last, 1e-9)
-      eta = (stage.num_steps - step) * (now - t_last) / max(step - last_step, 1)
+      # at the rate since the last line (compilation excluded)
+      eta = progress.eta_seconds(step - last_step, stage.num_steps - last_step, now - t_last)
       scalars = {f'{stage.name}/{k}': v for k, v in means.items()}
       scalars[f'{stage.name}/img_per_sec'] = img_s
       if stage.schedule is not None:
@@ -233,7 +235,8 @@ def _train(stage, state, step, stage_dir, config, mesh, writer, mngr, watcher, a
       writer.write_scalars(step, scalars)
       _append_jsonl(os.path.join(stage_dir, 'metrics.jsonl'), {'step': step, **means})
       logging.info('%s step %d/%d  %s  %.1f img/s  ETA %s', stage.name, step, stage.num_steps,
-                   '  '.join(f'{k}={v:.4f}' for k, v in means.items()), img_s, _fmt_time(eta))
+                   '  '.join(f'{k}={v:.4f}' for k, v in means.items()), img_s,
+                   progress.duration(eta))
       t_last, last_step = now, step
       if stage.on_log is not None:
         stage.on_log(state, step)
@@ -254,11 +257,6 @@ def _append_jsonl(path: str, row: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'a') as f:
       f.write(json.dumps(row) + '\n')
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
 def count_params(params: Any) -> int:
