@@ -73,6 +73,11 @@ def get_config(preset: str = ''):
 
   if preset == 'celeba':
     c.data.dir = f'{SHARED}/celeba_id'
+    # 158 identities: with flips only the teacher over-fits them (99.9% train accuracy, HQ
+    # verification 75.1%, below every student). Crops, colour jitter and head dropout: 80.0%.
+    c.data.train_pp = ('random_resized_crop(64, scale=(0.8, 1.0))|flip_lr|'
+                       'color_jitter(0.2, 0.2, 0.2)|value_range(-1, 1)')
+    c.teacher.model.dropout = 0.2
     c.teacher.train.update(steps=1000, batch_size=64, warmup_steps=100)
     c.student.train.update(steps=500, batch_size=64, warmup_steps=50)
     c.stages = ('teacher,student_nokd,student_output,student_attention,student_both,'

@@ -6,6 +6,9 @@ presets at 64 px with 60 steps per stage, so the pictures show what each report 
 not a good model. From the project root (a few minutes on 2 CPU cores):
 
   python docs/make_report_pictures.py [--workdir=DIR]   # DIR keeps the runs (default: temporary)
+
+Plots without faces (scatter, confusion matrix, ROC) may instead come from real-data runs'
+``--mode=eval`` reports: ``--plots_from=fbp_kd=W1,age_mtmsa=W2,lqfr_kd=W3`` (README says which).
 """
 import csv
 import os
@@ -27,6 +30,8 @@ OUT = os.path.join(REPO, 'docs', 'reports')
 SIZE = 64
 MAX_BYTES = 60_000
 flags.DEFINE_string('workdir', '', 'Where the runs go (default: a temporary folder).')
+flags.DEFINE_string('plots_from', '', 'task=workdir,...: trained real-data workdirs whose '
+                    '--mode=eval plots (never face pictures) replace the drawn-face ones.')
 
 # README picture -> (run, the report it copies)
 PICTURES = {
@@ -83,6 +88,13 @@ def age_config(workdir):
   return c
 
 
+# Plots without faces, from a real-data workdir's --mode=eval (README lists the commands).
+REAL_PLOTS = {
+    'scatter': ('fbp_kd', 'eval_scut_fbp5500_teacher_scatter'),
+    'confusion': ('age_mtmsa', 'eval_utkface_race_confusion'),
+    'roc': ('lqfr_kd', 'eval_celeba_id_teacher_roc'),
+}
+
 CONFIGS = {'fbp_kd': fbp_config, 'lqfr_kd': lqfr_config, 'age_mtmsa': age_config}
 
 
@@ -104,9 +116,13 @@ def main(argv):
     workdir = os.path.join(root, run)
     os.makedirs(workdir, exist_ok=True)
     app.run(make_config(root), workdir)
+  real = dict(item.split('=', 1) for item in flags.FLAGS.plots_from.split(',') if item)
   for picture, (run, report) in PICTURES.items():
-    size = shrink(os.path.join(root, run, 'reports', f'{report}.png'),
-                  os.path.join(OUT, f'{picture}.png'))
+    src = os.path.join(root, run, 'reports', f'{report}.png')
+    if picture in REAL_PLOTS and REAL_PLOTS[picture][0] in real:
+      run, report = REAL_PLOTS[picture]
+      src = os.path.join(real[run], 'reports', f'{report}.png')
+    size = shrink(src, os.path.join(OUT, f'{picture}.png'))
     print(f'docs/reports/{picture}.png  {size / 1000:.1f} KB  (from {run}: {report}.png)')
 
 
