@@ -17,6 +17,11 @@ from faceflax.tasks import lqfr_kd
 from tests import configs_for_tests
 from tests.conftest import REPO, SHARED_DATA
 
+# The Haar detector finds no drawn face: without ../shared/data, the tests that check
+# per-file statuses and outputs score the photos unaligned instead of skipping.
+ALIGN = 'auto' if (SHARED_DATA / 'celeba_id' / 'labels.csv').exists() else 'none'
+
+
 def _real_chips(dataset: str, n: int) -> list:
   """The first ``n`` chips of a shared dataset (skips the test when the data is absent)."""
   path = SHARED_DATA / dataset
@@ -55,6 +60,23 @@ def photos(tmp_path_factory):
 def _rows(path) -> dict:
   with open(path) as f:
     return {row['file']: row for row in csv.DictReader(f)}
+
+
+def _assert_same_predictions(a: dict, b: dict):
+  """Two --mode=predict results (CSV rows and .npy arrays) agree to 1e-6."""
+  rows_a, rows_b = _rows(a['output']), _rows(b['output'])
+  assert rows_a.keys() == rows_b.keys()
+  for name, row in rows_a.items():
+    assert row.keys() == rows_b[name].keys()
+    for column, value in row.items():
+      try:
+        np.testing.assert_allclose(float(value), float(rows_b[name][column]), rtol=1e-6,
+                                   atol=1e-6, err_msg=f'{name} {column}')
+      except ValueError:  # not a number: status, class name, note, empty cell
+        assert value == rows_b[name][column], (name, column)
+  assert a['arrays'].keys() == b['arrays'].keys()
+  for name, path in a['arrays'].items():
+    np.testing.assert_allclose(np.load(path), np.load(b['arrays'][name]), rtol=1e-6, atol=1e-6)
 
 
 def _needs_detection():
@@ -150,7 +172,7 @@ def fbp_workdir(tmp_path_factory):
 
 def test_fbp_predict_statuses_and_scores(fbp_workdir, photos, tmp_path):
   out = app.run(configs_for_tests.fbp(), str(fbp_workdir), 'predict', str(photos),
-                str(tmp_path / 'scores.csv'))
+                str(tmp_path / 'scores.csv'), align=ALIGN)
   rows = _rows(tmp_path / 'scores.csv')
   _check_statuses(rows, ('teacher_score', 'student_score'))
   assert out['n'] == 4 and out['arrays'] == {}
@@ -185,6 +207,21 @@ def test_fbp_eval_and_unaligned_predict_reproduce_the_val_figures(fbp_workdir, t
       np.testing.assert_allclose(report[k], saved[who][k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('align_mode', ['auto', 'none'])
+def test_fbp_predict_needs_only_the_workdir(fbp_workdir, photos, tmp_path, align_mode):
+  """With data.dir naming a folder that is not there (one with its own alignment template),
+  predict gives what it gives with the training data: model_facts.json has what it needs."""
+  assert json.loads((fbp_workdir / 'model_facts.json').read_text()) == {'dataset': ''}
+  config = configs_for_tests.fbp()
+  with_data = app.run(config, str(fbp_workdir), 'predict', str(photos),
+                      str(tmp_path / 'with.csv'), align=align_mode)
+  config.data.dir = str(tmp_path / 'moved' / 'scut_fbp5500')
+  without = app.run(config, str(fbp_workdir), 'predict', str(photos),
+                    str(tmp_path / 'without.csv'), align=align_mode)
+  _assert_same_predictions(with_data, without)
+  assert not (tmp_path / 'moved').exists()
+
+
 def test_main_py_predict_flags(fbp_workdir, photos, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
   out = tmp_path / 'cli.csv'
@@ -209,7 +246,8 @@ def lqfr_workdir(tmp_path_factory):
 
 def test_lqfr_predict_writes_embeddings_in_csv_order(lqfr_workdir, photos, tmp_path):
   config = configs_for_tests.load('lqfr_kd', 'test')
-  out = app.run(config, str(lqfr_workdir), 'predict', str(photos), str(tmp_path / 'emb.csv'))
+  out = app.run(config, str(lqfr_workdir), 'predict', str(photos), str(tmp_path / 'emb.csv'),
+                align=ALIGN)
   rows = list(_rows(tmp_path / 'emb.csv').values())
   _check_statuses({r['file']: r for r in rows}, ('teacher_norm', 'student_both_norm'))
   assert set(out['arrays']) == {'teacher', 'student_both'}
@@ -241,6 +279,28 @@ def test_lqfr_verify_same_and_different(lqfr_workdir, photos, tmp_path, capsys):
     assert -1.0 <= r['similarity'] <= 1.0 and isinstance(r['same'], bool)
   with pytest.raises(DataError, match='gradient.png: no_face'):
     app.run(config, str(lqfr_workdir), 'verify', f'{face},{photos / "gradient.png"}')
+
+
+def test_lqfr_predict_and_verify_need_only_the_workdir(lqfr_workdir, photos, tmp_path):
+  """The ArcFace heads' class count and the alignment template's folder come from
+  model_facts.json: with data.dir naming a folder that is not there, predict and verify
+  (threshold from results.json) give what they give with the training data."""
+  facts = json.loads((lqfr_workdir / 'model_facts.json').read_text())
+  assert facts == {'num_classes': 6, 'dataset': 'synthetic_identities'}
+  config = configs_for_tests.load('lqfr_kd', 'test')
+  pair = f'{photos / "face.jpg"},{photos / "two.jpg"}'
+  with_data = app.run(config, str(lqfr_workdir), 'predict', str(photos),
+                      str(tmp_path / 'with.csv'), align='none')
+  verified = app.run(config, str(lqfr_workdir), 'verify', pair, align='none')
+  config.data.dir = str(tmp_path / 'moved' / 'celeba_id')
+  without = app.run(config, str(lqfr_workdir), 'predict', str(photos),
+                    str(tmp_path / 'without.csv'), align='none')
+  _assert_same_predictions(with_data, without)
+  again = app.run(config, str(lqfr_workdir), 'verify', pair, align='none')
+  assert again.keys() == verified.keys()
+  for name, r in verified.items():
+    assert again[name] == {**r, 'similarity': pytest.approx(r['similarity'], abs=1e-6)}
+  assert not (tmp_path / 'moved').exists()
 
 
 def test_lqfr_threshold_is_computed_when_results_have_none(lqfr_workdir):
@@ -278,7 +338,8 @@ def test_age_predict(photos, tmp_path):
   config = configs_for_tests.load('age_mtmsa', 'test')
   config.data.dir = str(data)
   app.run(config, str(tmp_path / 'w'))
-  app.run(config, str(tmp_path / 'w'), 'predict', str(photos), str(tmp_path / 'age.csv'))
+  app.run(config, str(tmp_path / 'w'), 'predict', str(photos), str(tmp_path / 'age.csv'),
+          align=ALIGN)
   rows = _rows(tmp_path / 'age.csv')
   _check_statuses(rows, ('age', 'p_male', 'p_white'))
   for row in rows.values():
@@ -302,9 +363,13 @@ def test_face_prior_predict_features(photos, tmp_path):
     assert np.isfinite(f).all() == (row['status'] in predict.SCORED)
 
 
-def test_transfer_predict_every_head(photos, tmp_path):
+@pytest.fixture(scope='module')
+def transfer_workdir(fbp_workdir, tmp_path_factory):
+  """(workdir, config): every task fine-tuned on tiny drawn datasets, the fbp_kd fixture's
+  pretrained teacher as the backbone."""
+  tmp = tmp_path_factory.mktemp('transfer')
   pm = lambda x: 1 if x > 0 else -1
-  root = tmp_path / 'data'
+  root = tmp / 'data'
   _folder_dataset(root / 'fer2013', ('label',), lambda i, t: (i % 7,))
   _folder_dataset(root / 'celeba_id', ('identity', 'id_noisy', 'Smiling', 'Big_Eyes'),
                   lambda i, t: (i // 4, 0, pm(t['smile']), pm(t['eye_size'])))
@@ -312,8 +377,15 @@ def test_transfer_predict_every_head(photos, tmp_path):
   _folder_dataset(root / 'scut_fbp5500', ('score',), lambda i, t: (f'{t["score"]:.3f}',))
   config = configs_for_tests.load('transfer', 'test')
   config.data.root, config.protocols = str(root), 'finetune'
-  app.run(config, str(tmp_path / 'w'))
-  app.run(config, str(tmp_path / 'w'), 'predict', str(photos), str(tmp_path / 't.csv'))
+  config.backbone.update(workdir=str(fbp_workdir), stage='teacher_pretrain')
+  config.backbone.model.update(stem='multiscale', stem_channels=24, stem_stride=2)  # its model
+  app.run(config, str(tmp / 'w'))
+  return tmp / 'w', config
+
+
+def test_transfer_predict_every_head(transfer_workdir, photos, tmp_path):
+  workdir, config = transfer_workdir
+  app.run(config, str(workdir), 'predict', str(photos), str(tmp_path / 't.csv'), align=ALIGN)
   rows = _rows(tmp_path / 't.csv')
   probs = [f'expression_p_{n}' for n in ('angry', 'disgust', 'fear', 'happy', 'sad', 'surprise',
                                          'neutral')]
@@ -327,3 +399,22 @@ def test_transfer_predict_every_head(photos, tmp_path):
       assert p.sum() == pytest.approx(1.0, abs=1e-4)
       assert row['expression'] == probs[int(p.argmax())][len('expression_p_'):]
       assert 0 <= float(row['attributes_Smiling']) <= 1
+
+
+def test_transfer_predict_needs_only_the_workdir(transfer_workdir, photos, tmp_path):
+  """With data.root and backbone.workdir naming folders that are not there, the same
+  predictions: the fine-tuned stages hold the whole backbone, model_facts.json the rest."""
+  workdir, config = transfer_workdir
+  facts = json.loads((workdir / 'model_facts.json').read_text())
+  assert facts['finetune_expression']['class_names'][0] == 'angry'
+  assert facts['finetune_attributes']['columns'] == ['Smiling', 'Big_Eyes']
+  assert facts['finetune_age']['dataset'] == 'utkface' and facts['finetune_age']['target_sd'] > 0
+  config = config.copy_and_resolve_references()
+  with_data = app.run(config, str(workdir), 'predict', str(photos), str(tmp_path / 'with.csv'),
+                      align='none')
+  config.data.root = config.backbone.workdir = str(tmp_path / 'moved')
+  without = app.run(config, str(workdir), 'predict', str(photos), str(tmp_path / 'without.csv'),
+                    align='none')
+  _assert_same_predictions(with_data, without)
+  assert 'age' in _rows(tmp_path / 'without.csv')['face.jpg']
+  assert not (tmp_path / 'moved').exists()

@@ -42,14 +42,18 @@ ALIGN_MODES = ('auto', 'none')
 _MIN_SIDE, _MAX_SIDE, _PAD = 250, 800, 0.25
 
 
+def folder_name(dataset: str) -> str:
+  """A dataset's folder name (a path or a name; '' for none): what picks its template."""
+  return os.path.basename(os.path.normpath(dataset)) if dataset else ''
+
+
 def template_for(dataset: str) -> np.ndarray:
   """The eye template of a dataset folder (a path or a name); 'arcface' for unknown ones."""
-  name = os.path.basename(os.path.normpath(dataset)) if dataset else ''
-  return EYE_TEMPLATES.get(name, EYE_TEMPLATES['arcface'])
+  return EYE_TEMPLATES.get(folder_name(dataset), EYE_TEMPLATES['arcface'])
 
 
 def template_name(dataset: str) -> str:
-  name = os.path.basename(os.path.normpath(dataset)) if dataset else ''
+  name = folder_name(dataset)
   return name if name in EYE_TEMPLATES else 'arcface'
 
 

@@ -23,7 +23,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from faceflax import config_checks, distributed, losses, metrics, reports
-from faceflax.data import pipeline, sources, synthetic
+from faceflax.data import align as align_lib, pipeline, sources, synthetic
 from faceflax.models import mae
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
@@ -128,6 +128,7 @@ def pretrain_stage(name, model, cfg, paths, config) -> loop.Stage:
 
 
 def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage:
+  """``examples`` None: no batches (a stage built only to load its checkpoint)."""
   size = config.data.image_size
 
   def init_params_fn(rng):
@@ -145,11 +146,11 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
     out = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
     return score_terms(model, cfg, out, batch['score'])
 
+  batches = None if examples is None else train_batches(
+      config, examples.paths, {'score': examples.labels['score']}, cfg.batch_size, config.seed + 1)
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
-      update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-      batches=train_batches(config, examples.paths, {'score': examples.labels['score']},
-                            cfg.batch_size, config.seed + 1),
+      update_fn=state_lib.make_update(loss_fn, tx), schedule=sched, batches=batches,
       param_axes=mae.param_axes(model, size), tx=tx)
 
 
@@ -207,7 +208,10 @@ def output_kd(cfg, s_out, t_out) -> jax.Array:
 
 def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teacher_params,
              config) -> loop.Stage:
-  """Student step with the frozen teacher's forward pass inside (one XLA graph)."""
+  """Student step with the frozen teacher's forward pass inside (one XLA graph).
+
+  ``examples`` None: no batches (a stage built only to load its checkpoint).
+  """
   size = config.data.image_size
   pairs = kd_pairs(cfg, student, teacher)  # check_config has checked the grids
   projector = FeatureProjector(tuple(teacher.width for _ in pairs))
@@ -246,6 +250,19 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
       total += cfg.beta * terms['feature_kd']
     return total, terms
 
+  return loop.Stage(
+      name=name, num_steps=cfg.steps,
+      batch_size=cfg.batch_size + (cfg.unlabeled_batch_size if unlabeled else 0),
+      init_fn=init_fn, update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+      batches=None if examples is None else kd_batches(cfg, examples, unlabeled, config),
+      consts=(teacher_params,), tx=tx,
+      param_axes={'student': mae.param_axes(student, size),
+                  'projector': jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
+                                            template['projector'])})
+
+
+def kd_batches(cfg, examples, unlabeled, config):
+  """start_step -> batches of ``cfg.batch_size`` labeled faces, then (if any) unlabeled ones."""
   score = examples.labels['score']
   labeled = train_batches(config, examples.paths, {'score': score, 'has_label': np.ones_like(score)},
                           cfg.batch_size, config.seed + 2)
@@ -263,14 +280,7 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
       return
     for a, b in zip(it, extra(start_step=start_step)):
       yield {k: np.concatenate([a[k], b[k]]) for k in a}
-
-  return loop.Stage(
-      name=name, num_steps=cfg.steps, batch_size=cfg.batch_size + (cfg.unlabeled_batch_size if extra else 0),
-      init_fn=init_fn, update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-      batches=batches, consts=(teacher_params,), tx=tx,
-      param_axes={'student': mae.param_axes(student, size),
-                  'projector': jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
-                                            template['projector'])})
+  return batches
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -369,23 +379,28 @@ class Job:
     self._cache = {}
 
   def stage(self, name, restore_only: bool = False) -> loop.Stage:
-    """Builds a stage; ``restore_only`` skips its inputs (enough to load its checkpoint)."""
+    """Builds a stage; ``restore_only`` skips its inputs and data (enough to load its checkpoint).
+
+    Restoring reads no data, so a trained workdir predicts without its dataset.
+    """
     c, w = self.config, self.workdir
     upstream = (lambda n: None) if restore_only else self.params
     if name == 'teacher_pretrain':
-      st = pretrain_stage(name, self.teacher, c.teacher.pretrain, self.unlabeled, c)
+      st = pretrain_stage(name, self.teacher, c.teacher.pretrain,
+                          () if restore_only else self.unlabeled, c)
       st.on_log = self._reconstruction_logger(self.teacher, c.teacher.pretrain, name)
       return st
     if name == 'student_pretrain':
-      return pretrain_stage(name, self.student, c.student.pretrain, self.unlabeled, c)
-    train = labeled_examples(c, c.data.train_split, w)
+      return pretrain_stage(name, self.student, c.student.pretrain,
+                            () if restore_only else self.unlabeled, c)
+    train = None if restore_only else labeled_examples(c, c.data.train_split, w)
     if name == 'teacher_finetune':
       pretrained = upstream('teacher_pretrain') if c.teacher.finetune.from_pretrained else None
       return finetune_stage(name, self.teacher, c.teacher.finetune, train, pretrained, c)
     if name == 'student_kd':
       kd = c.student.kd
       pretrained = upstream('student_pretrain') if kd.from_pretrained else None
-      unlabeled = self.unlabeled if kd.unlabeled_batch_size else ()
+      unlabeled = self.unlabeled if kd.unlabeled_batch_size and not restore_only else ()
       return kd_stage(name, self.student, self.teacher, kd, train, unlabeled, pretrained,
                       upstream('teacher_finetune'), c)
     raise KeyError(name)
@@ -453,6 +468,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = time.perf_counter()
   stages = parse_stages(config)
   os.makedirs(workdir, exist_ok=True)
+  # The data folder's name picks --mode=predict's alignment template; recorded, predict needs no data.
+  stages_lib.record_facts(workdir, dataset=align_lib.folder_name(config.data.dir))
   job = Job(config, workdir)
   for name in stages:
     if name != 'evaluate':
@@ -497,8 +514,9 @@ def predict_photos(config, workdir: str, input_path: str, output: str, align: st
   fns = {who: jax.jit(lambda p, x, m=model: m.apply({'params': p}, x)['score'],
                       out_shardings=mesh_lib.replicated(job.mesh))
          for who, (model, _) in models.items()}
+  dataset = stages_lib.model_facts(workdir).get('dataset', config.data.dir)  # data need not be here
   head = predict_lib.Head(lambda x: {f'{w}_score': fns[w](p, x) for w, (_, p) in models.items()},
-                          config.data.image_size, config.data.dir, config.data.eval_pp)
+                          config.data.image_size, dataset, config.data.eval_pp)
   return predict_lib.run(input_path, output, [head], job.mesh, config.eval_batch_size, align)
 
 

@@ -25,7 +25,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from faceflax import distributed, losses, metrics, reports
-from faceflax.data import pairs as pairs_lib, pipeline, synthetic
+from faceflax.data import align as align_lib, pairs as pairs_lib, pipeline, synthetic
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, load_array, read_folder
 from faceflax.models import heads, resnext_cbam
@@ -120,6 +120,17 @@ def external_dim(config) -> int:
   return int(load_array(path, mmap_mode='r').shape[1])
 
 
+def data_facts(config, ts: TrainSet) -> dict:
+  """What the models take from the training data (``stages.record_facts``): the ArcFace
+  classes, the external teacher's width (if the data has its embeddings) and the folder
+  name that picks predict's alignment template."""
+  facts = {'num_classes': ts.num_classes, 'dataset': align_lib.folder_name(config.data.dir)}
+  if config.data.external_teacher and os.path.isfile(
+      os.path.join(config.data.dir, config.data.external_teacher)):
+    facts['external_dim'] = external_dim(config)
+  return facts
+
+
 def cache_pp(config) -> str:
   return f'decode|resize({config.data.image_size})'
 
@@ -152,7 +163,8 @@ def _arcface_terms(out, labels, arc) -> tuple[jax.Array, dict]:
   return loss, {'arcface': loss, 'train_accuracy': accuracy}
 
 
-def teacher_stage(name, model, config, ts: TrainSet) -> loop.Stage:
+def teacher_stage(name, model, config, ts: TrainSet | None) -> loop.Stage:
+  """``ts`` None: no batches (a stage built only to load its checkpoint)."""
   cfg, arc, size = config.teacher.train, config.teacher.arcface, config.data.image_size
   tx, sched = optim.adamw(cfg, cfg.steps)
 
@@ -169,12 +181,16 @@ def teacher_stage(name, model, config, ts: TrainSet) -> loop.Stage:
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-      batches=train_batches(config, ts, cfg.batch_size, config.seed, degraded=False))
+      batches=None if ts is None else train_batches(config, ts, cfg.batch_size, config.seed,
+                                                    degraded=False))
 
 
-def student_stage(name, student, teacher, config, ts: TrainSet, teacher_vars,
+def student_stage(name, student, teacher, config, ts: TrainSet | None, teacher_vars,
                   external=None) -> loop.Stage:
-  """ArcFace on degraded faces + alpha * output KD + beta * attention KD, one jit step."""
+  """ArcFace on degraded faces + alpha * output KD + beta * attention KD, one jit step.
+
+  ``ts`` None: no batches (a stage built only to load its checkpoint).
+  """
   variant = name[len('student_'):]
   use_output, use_attention, use_external = STUDENT_VARIANTS[variant]
   cfg, arc, kd, size = config.student.train, config.student.arcface, config.student.kd, config.data.image_size
@@ -229,8 +245,9 @@ def student_stage(name, student, teacher, config, ts: TrainSet, teacher_vars,
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-      batches=train_batches(config, ts, cfg.batch_size, config.seed + 1, degraded=True,
-                            external=external if use_external else None),
+      batches=None if ts is None else train_batches(
+          config, ts, cfg.batch_size, config.seed + 1, degraded=True,
+          external=external if use_external else None),
       consts=(teacher_vars,), loss_fn=loss_fn)
 
 
@@ -363,29 +380,38 @@ class Job(stages_lib.StageStates):
 
   known_stages = STAGES
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, recorded: bool = False):
+    """``recorded``: the models' sizes come from the workdir's ``data_facts`` (restoring then
+    reads no data), else, as in training, from the data."""
     check_config(config)
     self.config, self.workdir = config, workdir
+    self.facts = stages_lib.model_facts(workdir) if recorded else {}
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
 
   @functools.cached_property
   def train_set(self) -> TrainSet:
-    return train_set(self.config)
+    return train_set(with_data_dir(self.config, self.workdir))
+
+  @functools.cached_property
+  def num_classes(self) -> int:
+    return self.facts.get('num_classes') or self.train_set.num_classes
 
   @functools.cached_property
   def teacher(self) -> Recognizer:
-    return make_model(self.config.teacher.model, self.train_set.num_classes,
+    return make_model(self.config.teacher.model, self.num_classes,
                       precision.compute_dtype(self.config.train))
 
   @functools.cached_property
   def student(self) -> Recognizer:
-    return make_model(self.config.student.model, self.train_set.num_classes,
+    return make_model(self.config.student.model, self.num_classes,
                       precision.compute_dtype(self.config.train))
 
   def stage(self, name, restore_only: bool = False) -> loop.Stage:
-    c, ts = self.config, self.train_set
+    """Builds a stage; ``restore_only``: enough to load its checkpoint (no data when recorded)."""
+    c = self.config
+    ts = None if restore_only else self.train_set
     if name == 'teacher':
       return teacher_stage(name, self.teacher, c, ts)
     if name not in STAGES:
@@ -394,8 +420,8 @@ class Job(stages_lib.StageStates):
     external = None
     if STUDENT_VARIANTS[name[len('student_'):]][2]:
       # Restoring needs only the embedding width (the projector's shape).
-      external = (np.zeros((1, external_dim(c)), np.float32) if restore_only
-                  else external_embeddings(c, ts))
+      external = (np.zeros((1, self.facts.get('external_dim') or external_dim(c)), np.float32)
+                  if restore_only else external_embeddings(c, ts))
     return student_stage(name, self.student, self.teacher, c, ts, teacher_vars, external)
 
   def variables(self, name) -> dict:
@@ -486,6 +512,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   config = with_data_dir(config, workdir)
   job = Job(config, workdir)
+  stages_lib.record_facts(workdir, **data_facts(config, job.train_set))  # predict needs no data
   for name in _trained_names(names):
     job.state(name)
   if 'evaluate' not in names:
@@ -502,7 +529,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def trained(config, workdir: str) -> tuple[Job, dict]:
   """(the job, every trained model of ``workdir``: {stage: (model, variables)})."""
-  job = Job(config, workdir)
+  job = Job(config, workdir, recorded=True)
   names = [n for n in STAGES[:-1] if loop.is_done(workdir, n)] or ['teacher']
   return job, job.trained_models(names, require_all=False)
 
@@ -536,7 +563,8 @@ def embedding_head(config, job: Job, models: dict):
       norm = np.linalg.norm(e, axis=1)
       out[name], out[f'{name}_norm'] = e / np.maximum(norm, 1e-12)[:, None], norm
     return out
-  return predict_lib.Head(forward, config.data.image_size, config.data.dir)
+  return predict_lib.Head(forward, config.data.image_size,
+                          job.facts.get('dataset', config.data.dir))
 
 
 def predict_photos(config, workdir: str, input_path: str, output: str,
@@ -546,7 +574,6 @@ def predict_photos(config, workdir: str, input_path: str, output: str,
   Rows are L2-normalised (the CSV has each raw embedding's norm), one per CSV row.
   """
   from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
-  config = with_data_dir(config, workdir)
   job, models = trained(config, workdir)
   return predict_lib.run(input_path, output, [embedding_head(config, job, models)], job.mesh,
                          config.eval_batch_size, align)
@@ -563,6 +590,7 @@ def validated_threshold(config, job: Job, name: str, model, variables) -> tuple[
       return float(hq['threshold']), f'{path} ({name}, hq)'
   logging.info('%s has no validated threshold for %s: computing it on %s', path, name,
                config.data.eval_pairs)
+  config = with_data_dir(config, job.workdir)
   paths, pairs = eval_pairs(config)
   emb = {'hq': embed(model, variables, paths, config, job.mesh, 'hq')}
   where = os.path.join(config.data.dir, config.data.eval_pairs)
@@ -574,7 +602,6 @@ def verify(config, workdir: str, input_path: str, align: str = 'auto') -> dict:
   for every trained model of ``workdir``; printed and returned."""
   from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   pair = predict_lib.verify_pair(input_path)
-  config = with_data_dir(config, workdir)
   job, models = trained(config, workdir)
   rows, outputs = predict_lib.score_files(list(pair), [embedding_head(config, job, models)],
                                           job.mesh, config.eval_batch_size, align, 'verify')

@@ -34,7 +34,7 @@ from clu import metric_writers
 from flax import traverse_util
 
 from faceflax import config_checks, metrics, reports
-from faceflax.data import pipeline
+from faceflax.data import align as align_lib, pipeline
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, drop_bad_rows, read_folder
 from faceflax.models import mae
@@ -426,6 +426,17 @@ def target_stats(data: TaskData) -> tuple[float, float]:
   return float(np.mean(data.y_train)), float(np.std(data.y_train) + 1e-6)
 
 
+def head_facts(data: TaskData) -> dict:
+  """What a fine-tuned head takes from its training data (``stages.record_facts``), so that
+  predicting needs only the workdir: its width, label columns, class names, the train mean
+  and sd its regression outputs are decoded with, and the folder name that picks predict's
+  alignment template."""
+  mean, sd = target_stats(data)
+  names = list(data.class_names) if data.spec.kind == 'classification' else []
+  return {'out_dim': data.out_dim, 'columns': list(data.columns), 'class_names': names,
+          'target_mean': mean, 'target_sd': sd, 'dataset': align_lib.folder_name(data.dir)}
+
+
 def linear_probe(data: TaskData, x_train, x_val, cfg, rows=None) -> tuple[dict, dict, np.ndarray]:
   """Fits on the train features (``rows`` of them).
 
@@ -492,11 +503,14 @@ def task_loss(kind: str, loss: str, outputs, target) -> jax.Array:
   return jnp.mean(jnp.abs(err)) if loss == 'l1' else jnp.mean(err ** 2)
 
 
-def finetune_stage(name, model: mae.MAE, data: TaskData, pretrained, config,
-                   restore_only: bool = False) -> loop.Stage:
-  """Backbone + head with the task loss, layer-wise lr decay as in fbp_kd fine-tuning."""
+def finetune_stage(name, model: mae.MAE, spec: TaskSpec, out_dim: int, data: TaskData | None,
+                   pretrained, config) -> loop.Stage:
+  """Backbone + head with the task loss, layer-wise lr decay as in fbp_kd fine-tuning.
+
+  ``data`` None: no batches (a stage built only to load its checkpoint).
+  """
   cfg, size = config.finetune, config.backbone.image_size
-  kind, out_dim = data.spec.kind, data.out_dim
+  kind = spec.kind
 
   def init_params_fn(rng):
     # ``pretrained`` is a complete MAE tree (load_backbone): no second backbone init.
@@ -515,10 +529,10 @@ def finetune_stage(name, model: mae.MAE, data: TaskData, pretrained, config,
 
   def loss_fn(params, batch, rng):
     out = finetune_forward(model, out_dim, params, batch['image'], train=True, rng=rng)
-    return task_loss(kind, data.spec.loss, out, batch['target']), {}
+    return task_loss(kind, spec.loss, out, batch['target']), {}
 
   batches = None
-  if not restore_only:
+  if data is not None:
     mean, sd = target_stats(data)
     target = data.y_train if kind != 'regression' else (data.y_train - mean) / sd
     batches = functools.partial(
@@ -539,7 +553,9 @@ class Job(stages_lib.StageStates):
   ``train=False`` never trains: fine-tuning stages are only restored (``--mode=eval``).
   """
 
-  def __init__(self, config, workdir: str, train: bool = True):
+  def __init__(self, config, workdir: str, train: bool = True, backbone: bool = True):
+    """``backbone=False``: no backbone params (``self.params`` None, ``self.backbone`` {}):
+    restoring the fine-tuned stages, which hold the whole backbone, does not need them."""
     check_config(config)
     self.tasks = parse_names(config.tasks, list(TASKS), 'tasks')
     self.protocols = parse_names(config.protocols, PROTOCOLS, 'protocols')
@@ -551,7 +567,8 @@ class Job(stages_lib.StageStates):
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     self.writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
-    self.model, self.params, self.backbone = load_backbone(self.config, self.mesh)
+    self.model, self.params, self.backbone = (load_backbone(self.config, self.mesh) if backbone
+                                              else (make_backbone(self.config), None, {}))
     self.features = feature_fn(self.model, self.mesh)
     self._data = {}
 
@@ -564,8 +581,19 @@ class Job(stages_lib.StageStates):
     task = name[len('finetune_'):]
     if name not in self.known_stages:
       raise KeyError(name)
-    return finetune_stage(name, self.model, self.data(task),
-                          None if restore_only else self.params, self.config, restore_only)
+    if restore_only:  # the head's width from the recorded facts: restoring reads no data
+      return finetune_stage(name, self.model, TASKS[task], self.head_facts(task)['out_dim'],
+                            None, None, self.config)
+    data = self.data(task)
+    stages_lib.record_facts(self.workdir, **{name: head_facts(data)})
+    return finetune_stage(name, self.model, data.spec, data.out_dim, data, self.params,
+                          self.config)
+
+  def head_facts(self, task: str) -> dict:
+    """``head_facts`` of a fine-tuned stage, as recorded where it was trained, else from the data."""
+    name = stage_name(task)
+    where = os.path.dirname(stages_lib.stage_dir(self.workdir, self.config.reuse_from, name))
+    return stages_lib.model_facts(where).get(name) or head_facts(self.data(task))
 
   def finished(self, name: str) -> bool:
     d = os.path.dirname(stages_lib.stage_dir(self.workdir, self.config.reuse_from, name))
@@ -681,22 +709,30 @@ def predict_photos(config, workdir: str, input_path: str, output: str,
   task's faces are aligned like its dataset's chips.
   """
   from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
-  job = Job(config, workdir, train=False)
-  check_backbone(workdir, job.backbone, config.seed, record=False)
+  b = config.backbone
+  # The fine-tuned stages hold the whole backbone: the backbone's own checkpoint only
+  # serves to check that the config names this workdir's backbone (backbone.json).
+  has_backbone = not b.workdir or os.path.isdir(os.path.join(b.workdir, b.stage, 'ckpt'))
+  job = Job(config, workdir, train=False, backbone=has_backbone)
+  if has_backbone:
+    check_backbone(workdir, job.backbone, config.seed, record=False)
+  else:
+    logging.info('backbone: %s is not here; predicting with the backbone held by the fine-tuned '
+                 'stages (not checked against backbone.json)', os.path.join(b.workdir, b.stage))
   heads, classes = [], {}
   for task in job.tasks:
     if not job.finished(stage_name(task)):
       logging.warning('%s: stage %s is not finished in %s; not predicted', task,
                       stage_name(task), workdir)
       continue
-    data = job.data(task)
-    fn = jax.jit(functools.partial(finetune_forward, job.model, data.out_dim),
+    facts = job.head_facts(task)
+    fn = jax.jit(functools.partial(finetune_forward, job.model, facts['out_dim']),
                  out_shardings=mesh_lib.replicated(job.mesh))
-    if data.spec.kind == 'classification':
-      classes[task] = data.class_names
+    if TASKS[task].kind == 'classification':
+      classes[task] = tuple(facts['class_names'])
     heads.append(predict_lib.Head(functools.partial(
-        _head_outputs, fn, job.state(stage_name(task))['params'], data, classes.get(task)),
-        config.backbone.image_size, data.dir, config.data.eval_pp))
+        _head_outputs, fn, job.state(stage_name(task))['params'], task, facts),
+        config.backbone.image_size, facts['dataset'], config.data.eval_pp))
   if not heads:
     raise checkpoint.CheckpointError(f'no finished fine-tuning stage (finetune_<task> of tasks '
                                      f'{job.tasks}) in {workdir}: nothing to predict with')
@@ -714,17 +750,17 @@ def predict_photos(config, workdir: str, input_path: str, output: str,
                          columns)
 
 
-def _head_outputs(fn, params, data: TaskData, class_names, images) -> dict:
+def _head_outputs(fn, params, task: str, facts: dict, images) -> dict:
   """One fine-tuned head's outputs as named [B] columns (probabilities or values)."""
-  out = np.asarray(fn(params, images), np.float64)
-  if data.spec.kind == 'classification':
+  out, kind = np.asarray(fn(params, images), np.float64), TASKS[task].kind
+  if kind == 'classification':
     p = np.exp(out - out.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    return {f'{data.name}_p_{n}': p[:, i] for i, n in enumerate(class_names)}
-  if data.spec.kind == 'multilabel':
+    return {f'{task}_p_{n}': p[:, i] for i, n in enumerate(facts['class_names'])}
+  if kind == 'multilabel':
     p = 1 / (1 + np.exp(-out))
-    return {f'{data.name}_{c}': p[:, i] for i, c in enumerate(data.columns)}
-  return {data.name: decode(data.spec.kind, out, target_stats(data))}
+    return {f'{task}_{c}': p[:, i] for i, c in enumerate(facts['columns'])}
+  return {task: decode(kind, out, (facts['target_mean'], facts['target_sd']))}
 
 
 # ----------------------------------------------------------------------------- reporting

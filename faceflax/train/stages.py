@@ -63,6 +63,30 @@ def write_json(path: str, results: dict) -> None:
   logging.info('wrote %s', path)
 
 
+MODEL_FACTS = 'model_facts.json'
+
+
+def model_facts(workdir: str) -> dict:
+  """What the workdir's models took from their training data (``record_facts``); {} if nothing.
+
+  Restoring and predicting read these instead of the data, so a trained workdir is
+  enough to score new photos; workdirs from before they were recorded fall back to the data.
+  """
+  path = os.path.join(workdir, MODEL_FACTS)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def record_facts(workdir: str, **facts) -> None:
+  """Merges ``facts`` (JSON values) into ``<workdir>/model_facts.json``, from process 0."""
+  old = model_facts(workdir)
+  new = {**old, **json.loads(json.dumps(facts))}  # as read back: tuples become lists
+  if new != old:
+    write_json(os.path.join(workdir, MODEL_FACTS), new)
+
+
 def write_results(path: str, results: dict) -> None:
   """``write_json`` of a run's results, with the count of bad examples skipped (data.skip_bad)."""
   write_json(path, {**results, **bad_data.summary()})
