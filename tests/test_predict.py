@@ -355,7 +355,8 @@ def test_face_prior_predict_features(photos, tmp_path):
   config = configs_for_tests.load('face_prior', 'test')
   config.data.root, config.data.datasets = str(tmp_path / 'data'), 'plain'
   app.run(config, str(tmp_path / 'w'))
-  out = app.run(config, str(tmp_path / 'w'), 'predict', str(photos), str(tmp_path / 'f.csv'))
+  out = app.run(config, str(tmp_path / 'w'), 'predict', str(photos), str(tmp_path / 'f.csv'),
+                align=ALIGN)
   features = np.load(out['arrays']['features'])
   rows = list(_rows(tmp_path / 'f.csv').values())
   assert features.shape == (4, 32)
