@@ -92,7 +92,7 @@ def age_config(workdir):
 REAL_PLOTS = {
     'scatter': ('fbp_kd', 'eval_scut_fbp5500_teacher_scatter'),
     'confusion': ('age_mtmsa', 'eval_utkface_race_confusion'),
-    'roc': ('lqfr_kd', 'eval_teacher_roc'),  # the training run's evaluate stage
+    'roc': ('lqfr_kd', 'eval_celeba_id_teacher_roc'),
 }
 
 CONFIGS = {'fbp_kd': fbp_config, 'lqfr_kd': lqfr_config, 'age_mtmsa': age_config}

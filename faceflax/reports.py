@@ -13,7 +13,9 @@ MARGIN = 40
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (160, 160, 160)
 POINT = (31, 119, 180)
 BAR_LABEL, BAR_ROW = 110, 12  # bar charts: name column width, row height
-CURVES = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189))
+# Distinct colours for the 7 quality rows of the LQFR table (more curves would repeat them).
+CURVES = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+          (140, 86, 75), (227, 119, 194))
 
 
 def to_uint8(image) -> np.ndarray:
