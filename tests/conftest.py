@@ -33,3 +33,41 @@ def shared_dataset(name: str) -> pathlib.Path:
   if not (path / 'labels.csv').exists():
     pytest.skip(f'real data {path} is not available')
   return path
+
+
+# Jobs that several tests only read: trained once per session. A test that changes a
+# workdir (--mode=eval writes files, a rerun adds stages) works on its own copy.
+
+def copy_workdir(trained: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(trained, dest, dirs_exist_ok=True)
+  return dest
+
+
+@pytest.fixture(scope='session')
+def age_faces(tmp_path_factory):
+  from tests import test_age  # pylint: disable=g-import-not-at-top
+  return test_age.write_faces(tmp_path_factory.mktemp('ages'))
+
+
+@pytest.fixture(scope='session')
+def age_job(age_faces, tmp_path_factory):
+  """(workdir, results) of the age job of test_age._config(age_faces)."""
+  from faceflax import app  # pylint: disable=g-import-not-at-top
+  from tests import test_age  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('age_job')
+  return workdir, app.run(test_age._config(age_faces), str(workdir))  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope='session')
+def transfer_data_root(tmp_path_factory):
+  from tests import test_transfer  # pylint: disable=g-import-not-at-top
+  return test_transfer.write_data_root(tmp_path_factory.mktemp('transfer_data'))
+
+
+@pytest.fixture(scope='session')
+def transfer_job(transfer_data_root, tmp_path_factory):
+  """(workdir, results) of the transfer job of test_transfer._config(transfer_data_root)."""
+  from faceflax import app  # pylint: disable=g-import-not-at-top
+  from tests import test_transfer  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('transfer_job')
+  return workdir, app.run(test_transfer._config(transfer_data_root), str(workdir))  # pylint: disable=protected-access

@@ -17,15 +17,13 @@ from faceflax.data.folder import Examples
 from faceflax.tasks import age_mtmsa
 from faceflax.train import mesh as mesh_lib
 from tests import configs_for_tests
-from tests.conftest import REPO, shared_dataset
+from tests.conftest import REPO, copy_workdir, shared_dataset
 
 NUM_TRAIN, NUM_VAL = 32, 16
 
 
-@pytest.fixture(scope='module')
-def faces(tmp_path_factory):
+def write_faces(root):
   """A tiny folder-format age dataset: drawn faces with random ages, some labels unknown."""
-  root = tmp_path_factory.mktemp('ages')
   (root / 'images').mkdir()
   images, _ = synthetic.make_faces(NUM_TRAIN + NUM_VAL, size=32, seed=0)
   rng = np.random.default_rng(0)
@@ -39,6 +37,12 @@ def faces(tmp_path_factory):
   with open(root / 'labels.csv', 'w', newline='') as f:
     csv.writer(f).writerows([('filename', 'age', 'gender', 'race', 'split'), *rows])
   return root
+
+
+@pytest.fixture
+def faces(age_faces):
+  """write_faces's dataset, made once per session (conftest.py)."""
+  return age_faces
 
 
 def _config(data_dir, **loss):
@@ -57,9 +61,10 @@ def _one_step(config, workdir):
   return job, state, metrics
 
 
-def test_end_to_end_then_eval_mode(faces, tmp_path):
+def test_end_to_end_then_eval_mode(faces, age_job, tmp_path):
   config = _config(faces)
-  results = app.run(config, str(tmp_path))
+  trained, results = age_job  # app.run(config, workdir), once per session
+  copy_workdir(trained, tmp_path)
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert set(saved) >= {'age', 'gender', 'race', 'model', 'data', 'stage_seconds'}
   assert 'age_group' not in saved  # no age-group labels in this dataset

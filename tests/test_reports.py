@@ -8,9 +8,9 @@ from PIL import Image
 from faceflax import reports
 from faceflax.reports import MARGIN, SIZE
 from tests import test_age, test_transfer
+from tests.conftest import copy_workdir
 
 faces = test_age.faces  # the tiny age dataset fixture
-data_root = test_transfer.data_root  # the four tiny downstream datasets
 
 
 def _is_rgb_uint8(img):
@@ -136,10 +136,10 @@ def test_fbp_test_job_writes_its_report_pngs(tmp_path):
   assert np.all(scatter == reports.POINT, axis=-1).sum() > 0  # the points are drawn
 
 
-def test_age_job_writes_scatter_confusions_and_msa_attention(faces, tmp_path):
+def test_age_job_writes_scatter_confusions_and_msa_attention(faces, age_job, tmp_path):
   from faceflax import app
   config = test_age._config(faces)
-  app.run(config, str(tmp_path))
+  copy_workdir(age_job[0], tmp_path)  # app.run(config, workdir), once per session
   names = {p.name for p in (tmp_path / 'reports').glob('*.png')}
   assert {'eval_age_scatter.png', 'eval_gender_confusion.png', 'eval_race_confusion.png',
           'eval_msa_attention.png'} <= names, names
@@ -167,10 +167,8 @@ def test_lqfr_job_writes_roc_per_quality_and_cbam_attention(tmp_path):
   assert overlay.shape[0] == 4 * config.data.image_size and overlay.shape[1] > 2 * config.data.image_size
 
 
-def test_transfer_job_writes_a_picture_per_task_and_protocol(data_root, tmp_path):
-  from faceflax import app
-  config = test_transfer._config(data_root)  # pylint: disable=protected-access
-  app.run(config, str(tmp_path))
+def test_transfer_job_writes_a_picture_per_task_and_protocol(transfer_job, tmp_path):
+  copy_workdir(transfer_job[0], tmp_path)  # app.run(test_transfer._config(data_root), workdir)
   names = {p.name for p in (tmp_path / 'reports').glob('*.png')}
   kinds = {'expression': 'confusion', 'attributes': 'accuracy', 'age': 'scatter',
            'beauty': 'scatter'}

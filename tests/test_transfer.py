@@ -16,7 +16,7 @@ from faceflax.data import synthetic
 from faceflax.tasks import fbp_kd, transfer
 from faceflax.train import checkpoint, mesh as mesh_lib
 from tests import configs_for_tests
-from tests.conftest import REPO, shared_dataset
+from tests.conftest import REPO, copy_workdir, shared_dataset
 
 NUM_TRAIN, NUM_VAL = 32, 16
 ATTRIBUTES = ('Smiling', 'Big_Eyes', 'Pale_Skin')
@@ -33,10 +33,8 @@ def _write_dataset(root, header, label_fn, images, traits):
     csv.writer(f).writerows([('filename', *header, 'split'), *rows])
 
 
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
+def write_data_root(root):
   """The four downstream datasets in miniature, under their ../shared/data names."""
-  root = tmp_path_factory.mktemp('transfer_data')
   images, traits = synthetic.make_faces(NUM_TRAIN + NUM_VAL, size=32, seed=0)
   pm = lambda x: 1 if x > 0 else -1
   _write_dataset(root / 'fer2013', ('label',), lambda i, t: (i % 7,), images, traits)
@@ -48,6 +46,12 @@ def data_root(tmp_path_factory):
   _write_dataset(root / 'scut_fbp5500', ('score',), lambda i, t: (f'{t["score"]:.3f}',),
                  images, traits)
   return root
+
+
+@pytest.fixture
+def data_root(transfer_data_root):
+  """write_data_root's datasets, made once per session (conftest.py)."""
+  return transfer_data_root
 
 
 def _config(data_root, **overrides):
@@ -208,9 +212,10 @@ def test_docstring_overrides_build_the_fbp_teacher():
 
 # ----------------------------------------------------------------------------- the job
 
-def test_end_to_end_then_eval_mode(data_root, tmp_path):
+def test_end_to_end_then_eval_mode(data_root, transfer_job, tmp_path):
   config = _config(data_root)
-  results = app.run(config, str(tmp_path))
+  trained, results = transfer_job  # app.run(config, workdir), once per session
+  copy_workdir(trained, tmp_path)
   saved = json.loads((tmp_path / 'results.json').read_text())
   for task, spec in transfer.TASKS.items():
     for protocol in ('train_prior', *transfer.PROTOCOLS):
