@@ -53,7 +53,7 @@ def _student_setup(config, workdir, name):
   teacher = job.stage('teacher')
   job.provide('teacher', jax.jit(teacher.init_fn)(jax.random.key(1)))
   stage = job.stage(name)
-  state = stage.init_fn(jax.random.key(2))
+  state = jax.jit(stage.init_fn)(jax.random.key(2))
   batch = {k: jnp.asarray(v) for k, v in next(stage.batches(start_step=0)).items()}
   return job, stage, state, batch
 
@@ -70,13 +70,17 @@ def test_kd_terms_reach_the_student_not_the_teacher(identities, tmp_path):
     _, (terms, _) = stage.loss_fn(params, batch, rng, tvars, model_state=state['model_state'])
     return terms[name]
 
-  for name in ('output_kd', 'attention_kd'):
-    g_student = jax.grad(term, argnums=1)(name, state['params'], teacher_vars)
+  # One jitted program for every gradient: op by op, the ResNeXt would take minutes.
+  @jax.jit
+  def grads(params, tvars):
+    return {name: jax.grad(term, argnums=(1, 2))(name, params, tvars)
+            for name in ('output_kd', 'attention_kd')}
+
+  for name, (g_student, g_teacher) in grads(state['params'], teacher_vars).items():
     assert float(jax.tree.reduce(lambda a, x: a + jnp.sum(jnp.abs(x)), g_student, 0.0)) > 0, name
-    g_teacher = jax.grad(term, argnums=2)(name, state['params'], teacher_vars)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g_teacher)), name
   # The update changes the student and returns no teacher state at all.
-  new_state, metrics = stage.update_fn(state, batch, rng, teacher_vars)
+  new_state, metrics = jax.jit(stage.update_fn)(state, batch, rng, teacher_vars)
   assert set(new_state) == {'params', 'opt_state', 'step', 'model_state'}
   assert {'arcface', 'output_kd', 'attention_kd', 'loss'} <= set(metrics)
   assert np.isfinite(float(metrics['loss']))
@@ -84,7 +88,7 @@ def test_kd_terms_reach_the_student_not_the_teacher(identities, tmp_path):
 
 def test_nokd_student_has_no_kd_terms(identities, tmp_path):
   _, stage, state, batch = _student_setup(_config(identities), tmp_path, 'student_nokd')
-  _, metrics = stage.update_fn(state, batch, jax.random.key(0), *stage.consts)
+  _, metrics = jax.jit(stage.update_fn)(state, batch, jax.random.key(0), *stage.consts)
   assert 'output_kd' not in metrics and 'attention_kd' not in metrics
 
 
@@ -98,7 +102,7 @@ def test_external_teacher(identities, tmp_path):
   assert state['params']['projector']['kernel'].shape[1] == 24
   ts = lqfr_kd.train_set(config)
   np.testing.assert_array_equal(lqfr_kd.external_embeddings(config, ts), emb[ts.rows])
-  _, metrics = stage.update_fn(state, batch, jax.random.key(0), *stage.consts)
+  _, metrics = jax.jit(stage.update_fn)(state, batch, jax.random.key(0), *stage.consts)
   assert np.isfinite(float(metrics['output_kd'])) and 'attention_kd' not in metrics
 
   np.save(f'{identities}/ext.npy', emb[:-1])  # one row short
