@@ -49,13 +49,18 @@ def age_faces(tmp_path_factory):
   return test_age.write_faces(tmp_path_factory.mktemp('ages'))
 
 
+def _train_once(tmp_path_factory, name, config):
+  """(workdir, results) of ``app.run(config, workdir)`` in a fresh session folder."""
+  from faceflax import app  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp(name)
+  return workdir, app.run(config, str(workdir))
+
+
 @pytest.fixture(scope='session')
 def age_job(age_faces, tmp_path_factory):
-  """(workdir, results) of the age job of test_age._config(age_faces)."""
-  from faceflax import app  # pylint: disable=g-import-not-at-top
+  """The age job of test_age._config(age_faces)."""
   from tests import test_age  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp('age_job')
-  return workdir, app.run(test_age._config(age_faces), str(workdir))  # pylint: disable=protected-access
+  return _train_once(tmp_path_factory, 'age_job', test_age._config(age_faces))  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope='session')
@@ -66,8 +71,6 @@ def transfer_data_root(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def transfer_job(transfer_data_root, tmp_path_factory):
-  """(workdir, results) of the transfer job of test_transfer._config(transfer_data_root)."""
-  from faceflax import app  # pylint: disable=g-import-not-at-top
+  """The transfer job of test_transfer._config(transfer_data_root)."""
   from tests import test_transfer  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp('transfer_job')
-  return workdir, app.run(test_transfer._config(transfer_data_root), str(workdir))  # pylint: disable=protected-access
+  return _train_once(tmp_path_factory, 'transfer_job', test_transfer._config(transfer_data_root))  # pylint: disable=protected-access
