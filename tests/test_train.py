@@ -182,3 +182,18 @@ def test_output_kd_score_is_the_squared_error_to_the_teacher_score():
   log_sm = lambda x: x / 2 - np.log(np.exp(x / 2).sum(-1, keepdims=True))
   pt, ps = log_sm(t['logits']), log_sm(s['logits'])
   np.testing.assert_allclose(got, 4 * np.mean((np.exp(pt) * (pt - ps)).sum(-1)), rtol=1e-5)
+
+
+def test_flip_tta_scores_are_the_mean_over_the_face_and_its_mirror():
+  model = fbp_kd.make_model(configs_for_tests.fbp().teacher.model, 32)
+  params = jax.jit(lambda rng: fbp_kd.init_params(model, rng, 32))(jax.random.key(0))
+  kernel = params['head']['dense']['kernel']  # zero-initialised: give the scores some spread
+  params['head']['dense']['kernel'] = jax.random.normal(jax.random.key(2), kernel.shape)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (3, 32, 32, 3)))
+  forward = jax.jit(lambda p, im: model.apply({'params': p}, im)['score'])
+  one = lambda im: np.asarray(forward(params, im))
+  np.testing.assert_allclose(jax.jit(fbp_kd.score_fn(model, False))(params, x), one(x), rtol=1e-6)
+  mirrored = one(np.ascontiguousarray(x[:, :, ::-1]))
+  assert not np.allclose(mirrored, one(x))  # a random model is not mirror-symmetric
+  np.testing.assert_allclose(jax.jit(fbp_kd.score_fn(model, True))(params, x),
+                             (one(x) + mirrored) / 2, rtol=1e-5)

@@ -285,6 +285,21 @@ def kd_batches(cfg, examples, unlabeled, config):
 
 # ----------------------------------------------------------------------------- evaluation
 
+def score_fn(model, flip_tta: bool):
+  """``(params, images) -> scores``; ``flip_tta`` averages each face with its mirror image.
+
+  Both views are faces the model was trained on (``flip_lr`` augments training), and
+  their errors partly cancel (README "Results: facial beauty prediction"). It doubles the
+  forward passes per scored face; the reported MFLOPs / image are one pass.
+  """
+  def scores(params, images):
+    out = model.apply({'params': params}, images)['score']
+    if flip_tta:
+      out = (out + model.apply({'params': params}, images[:, :, ::-1])['score']) / 2
+    return out
+  return scores
+
+
 def predict_scores(model, params, examples, config, mesh) -> tuple[np.ndarray, np.ndarray]:
   """(predicted, true) scores of every example exactly once, gathered over processes.
 
@@ -293,8 +308,7 @@ def predict_scores(model, params, examples, config, mesh) -> tuple[np.ndarray, n
   """
   bs = config.eval_batch_size
   mesh_lib.check_batch_size(bs, 'eval_batch_size')
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x)['score'],
-                    out_shardings=mesh_lib.replicated(mesh))
+  forward = jax.jit(score_fn(model, config.eval.flip_tta), out_shardings=mesh_lib.replicated(mesh))
   ds = pipeline.make_eval_dataset(examples.paths, {'score': examples.labels['score']},
                                   batch_size=bs, pp=config.data.eval_pp,
                                   cache_pp=cache_pp(config), process_index=jax.process_index(),
@@ -511,7 +525,7 @@ def predict_photos(config, workdir: str, input_path: str, output: str, align: st
   from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   job = Job(stages_lib.restore_only(config), workdir)  # load, never train
   models = job.models(require_all=False)
-  fns = {who: jax.jit(lambda p, x, m=model: m.apply({'params': p}, x)['score'],
+  fns = {who: jax.jit(score_fn(model, config.eval.flip_tta),
                       out_shardings=mesh_lib.replicated(job.mesh))
          for who, (model, _) in models.items()}
   dataset = stages_lib.model_facts(workdir).get('dataset', config.data.dir)  # data need not be here
