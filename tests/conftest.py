@@ -74,3 +74,10 @@ def transfer_job(transfer_data_root, tmp_path_factory):
   """The transfer job of test_transfer._config(transfer_data_root)."""
   from tests import test_transfer  # pylint: disable=g-import-not-at-top
   return _train_once(tmp_path_factory, 'transfer_job', test_transfer._config(transfer_data_root))  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope='session')
+def photos(tmp_path_factory):
+  """Photos to predict on: see ``predict_helpers.write_photos``."""
+  from tests import predict_helpers  # pylint: disable=g-import-not-at-top
+  return predict_helpers.write_photos(tmp_path_factory.mktemp('photos'))
