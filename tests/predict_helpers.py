@@ -7,18 +7,17 @@ from PIL import Image
 
 from faceflax import predict
 from faceflax.data import synthetic
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, shared_dataset
 
+REAL_FACES = (SHARED_DATA / 'celeba_id' / 'labels.csv').exists()
 # The Haar detector finds no drawn face: without ../shared/data, the tests that check
 # per-file statuses and outputs score the photos unaligned instead of skipping.
-ALIGN = 'auto' if (SHARED_DATA / 'celeba_id' / 'labels.csv').exists() else 'none'
+ALIGN = 'auto' if REAL_FACES else 'none'
 
 
 def real_chips(dataset: str, n: int) -> list:
   """The first ``n`` chips of a shared dataset (skips the test when the data is absent)."""
-  path = SHARED_DATA / dataset
-  if not (path / 'labels.csv').exists():
-    pytest.skip(f'real data {path} is not available')
+  path = shared_dataset(dataset)
   with open(path / 'labels.csv') as f:
     names = [row['filename'] for row in csv.DictReader(f)][:n]
   return [Image.open(path / 'images' / name).convert('RGB') for name in names]
@@ -26,7 +25,7 @@ def real_chips(dataset: str, n: int) -> list:
 
 def face(size: int = 250) -> Image.Image:
   """A real face chip upscaled like a photo; a drawn face when ../shared/data is absent."""
-  if (SHARED_DATA / 'celeba_id' / 'labels.csv').exists():
+  if REAL_FACES:
     return real_chips('celeba_id', 1)[0].resize((size, size), Image.BICUBIC)
   drawn, _ = synthetic.make_faces(1, size=64, seed=0)
   return Image.fromarray(drawn[0]).resize((size, size), Image.BICUBIC)
@@ -55,7 +54,7 @@ def assert_same_predictions(a: dict, b: dict):
 
 
 def needs_detection():
-  if not (SHARED_DATA / 'celeba_id' / 'labels.csv').exists():
+  if not REAL_FACES:
     pytest.skip('face detection is tested on real faces; ../shared/data is not available')
 
 
@@ -63,7 +62,7 @@ def check_statuses(rows: dict, score_columns):
   """Every input file is a row: the face scored, the others reported with an empty score."""
   assert set(rows) == {'face.jpg', 'gradient.png', 'two.jpg', 'corrupt.jpg'}
   assert rows['corrupt.jpg']['status'] == 'corrupt' and rows['corrupt.jpg']['note']
-  if (SHARED_DATA / 'celeba_id' / 'labels.csv').exists():
+  if REAL_FACES:
     assert (rows['face.jpg']['status'], rows['face.jpg']['faces']) == ('ok', '1')
     assert (rows['two.jpg']['status'], rows['two.jpg']['faces']) == ('several_faces', '2')
     assert (rows['gradient.png']['status'], rows['gradient.png']['faces']) == ('no_face', '0')
