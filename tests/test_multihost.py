@@ -17,7 +17,7 @@ import numpy as np
 from faceflax import app
 from faceflax.tasks import fbp_kd
 from tests import configs_for_tests
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 OVERRIDES = {'stages': 'teacher_finetune,student_kd,evaluate',
              'teacher.finetune.from_pretrained': False, 'student.kd.from_pretrained': False,
@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def _two_process_run(workdir, log_dir):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   procs, logs = [], []
   for i in range(2):

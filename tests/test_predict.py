@@ -14,7 +14,7 @@ from faceflax import app, metrics, predict
 from faceflax.data import align
 from faceflax.data.errors import DataError
 from tests import configs_for_tests
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, xla_flags
 from tests.predict_helpers import (ALIGN, assert_same_predictions, check_statuses, csv_rows,
                                    folder_dataset, needs_detection, real_chips)
 
@@ -144,7 +144,7 @@ def test_fbp_predict_needs_only_the_workdir(fbp_workdir, photos, tmp_path, align
 
 
 def test_main_py_predict_flags(fbp_workdir, photos, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1))
   out = tmp_path / 'cli.csv'
   subprocess.run([sys.executable, 'main.py', f'--config={REPO}/configs/fbp_kd.py:test',
                   f'--workdir={fbp_workdir}', '--mode=predict', f'--input={photos}',

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from faceflax.train import preemption
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags
 
 STEPS = 40  # 256 faces / batch 8 = 32 steps per epoch: the resumed run crosses an epoch
 
@@ -23,7 +23,7 @@ def _command(workdir):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  return dict(os.environ, XLA_FLAGS=xla_flags(2),
               JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
 
 

@@ -16,7 +16,7 @@ from faceflax.data import DataError
 from faceflax.tasks import fbp_kd
 from faceflax.train import loop, mesh as mesh_lib
 from tests import configs_for_tests
-from tests.conftest import REPO, shared_dataset
+from tests.conftest import REPO, shared_dataset, xla_flags
 
 
 def _parse(*overrides):
@@ -68,7 +68,7 @@ def test_resume_after_kill_gives_the_same_steps(tmp_path):
 def test_one_device_equals_eight_devices(tmp_path):
   results = {}
   for n in (1, 8):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
+    env = dict(os.environ, XLA_FLAGS=xla_flags(n),
                PYTHONPATH=str(REPO))
     out = tmp_path / f'{n}.npz'
     subprocess.run([sys.executable, str(REPO / 'tests' / 'run_stage_worker.py'),
