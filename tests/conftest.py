@@ -7,8 +7,10 @@ environment, compiles each program once. Set JAX_COMPILATION_CACHE_DIR to choose
 folder (it is then kept), or to '' to compile everything.
 """
 import atexit
+import fcntl
 import os
 import pathlib
+import pickle
 import shutil
 import tempfile
 
@@ -44,25 +46,45 @@ def shared_dataset(name: str) -> pathlib.Path:
   return path
 
 
-# Jobs that several tests only read: trained once per session. A test that changes a
-# workdir (--mode=eval writes files, a rerun adds stages) works on its own copy.
+# Jobs that several tests only read: trained once per session, by whichever xdist worker
+# asks first. A test that changes a workdir (--mode=eval writes files, a rerun adds
+# stages) works on its own copy.
 
 def copy_workdir(trained: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
   shutil.copytree(trained, dest, dirs_exist_ok=True)
   return dest
 
 
-@pytest.fixture(scope='session')
-def age_faces(tmp_path_factory):
-  from tests import test_age  # pylint: disable=g-import-not-at-top
-  return test_age.write_faces(tmp_path_factory.mktemp('ages'))
+def built_once(tmp_path_factory, name: str, build):
+  """``(path, build(path))`` for a fresh folder ``path``, built once per test session.
+
+  Each xdist worker has its own session fixtures; the folder above the workers' temp
+  folders is shared, so a file lock there lets the first worker build and the others
+  wait and reuse what it built (``build``'s result is pickled beside the folder).
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  path, result = root / name, root / f'{name}.pkl'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not result.exists():
+      shutil.rmtree(path, ignore_errors=True)  # what a failed attempt left
+      path.mkdir()
+      result.write_bytes(pickle.dumps(build(path)))
+    return path, pickle.loads(result.read_bytes())
 
 
 def _train_once(tmp_path_factory, name, config):
-  """(workdir, results) of ``app.run(config, workdir)`` in a fresh session folder."""
+  """(workdir, results) of ``app.run(config, workdir)``, once per session."""
   from faceflax import app  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp(name)
-  return workdir, app.run(config, str(workdir))
+  return built_once(tmp_path_factory, name, lambda workdir: app.run(config, str(workdir)))
+
+
+@pytest.fixture(scope='session')
+def age_faces(tmp_path_factory):
+  from tests import test_age  # pylint: disable=g-import-not-at-top
+  return built_once(tmp_path_factory, 'age_faces', test_age.write_faces)[1]
 
 
 @pytest.fixture(scope='session')
@@ -75,7 +97,7 @@ def age_job(age_faces, tmp_path_factory):
 @pytest.fixture(scope='session')
 def transfer_data_root(tmp_path_factory):
   from tests import test_transfer  # pylint: disable=g-import-not-at-top
-  return test_transfer.write_data_root(tmp_path_factory.mktemp('transfer_data'))
+  return built_once(tmp_path_factory, 'transfer_data', test_transfer.write_data_root)[0]
 
 
 @pytest.fixture(scope='session')
@@ -83,6 +105,20 @@ def transfer_job(transfer_data_root, tmp_path_factory):
   """The transfer job of test_transfer._config(transfer_data_root)."""
   from tests import test_transfer  # pylint: disable=g-import-not-at-top
   return _train_once(tmp_path_factory, 'transfer_job', test_transfer._config(transfer_data_root))  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope='session')
+def fbp_job(tmp_path_factory):
+  """The whole fbp_kd job of configs/fbp_kd.py:test (every stage, on drawn faces)."""
+  from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
+  return _train_once(tmp_path_factory, 'fbp_job', configs_for_tests.load('fbp_kd', 'test'))
+
+
+@pytest.fixture(scope='session')
+def lqfr_job(tmp_path_factory):
+  """The lqfr_kd job of configs/lqfr_kd.py:test (teacher, student_both, evaluate)."""
+  from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
+  return _train_once(tmp_path_factory, 'lqfr_job', configs_for_tests.load('lqfr_kd', 'test'))
 
 
 @pytest.fixture(scope='session')

@@ -14,7 +14,7 @@ from faceflax import app, metrics, predict
 from faceflax.data import align
 from faceflax.data.errors import DataError
 from tests import configs_for_tests
-from tests.conftest import REPO, SHARED_DATA, xla_flags
+from tests.conftest import REPO, SHARED_DATA, built_once, copy_workdir, xla_flags
 from tests.predict_helpers import (ALIGN, assert_same_predictions, check_statuses, csv_rows,
                                    folder_dataset, needs_detection, real_chips)
 
@@ -84,11 +84,9 @@ def test_inputs_are_checked_before_any_model_loads(tmp_path, photos):
 
 # ----------------------------------------------------------------------------- fbp_kd
 
-@pytest.fixture(scope='module')
-def fbp_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('fbp')
-  app.run(configs_for_tests.fbp(), str(workdir))
-  return workdir
+@pytest.fixture
+def fbp_workdir(fbp_job):
+  return fbp_job[0]  # read only
 
 
 def test_fbp_predict_statuses_and_scores(fbp_workdir, photos, tmp_path):
@@ -105,6 +103,7 @@ def test_fbp_predict_statuses_and_scores(fbp_workdir, photos, tmp_path):
 def test_fbp_eval_and_unaligned_predict_reproduce_the_val_figures(fbp_workdir, tmp_path):
   """--mode=eval on the training data's folder, and predict --align=none on its images,
   give the training run's own val figures."""
+  fbp_workdir = copy_workdir(fbp_workdir, tmp_path / 'w')  # eval writes into it
   saved = json.loads((fbp_workdir / 'results.json').read_text())
   data = fbp_workdir / 'synthetic_faces'
   config = configs_for_tests.fbp()
@@ -155,11 +154,7 @@ def test_main_py_predict_flags(fbp_workdir, photos, tmp_path):
   assert rows['corrupt.jpg']['status'] == 'corrupt'
 
 
-@pytest.fixture(scope='module')
-def transfer_workdir(fbp_workdir, tmp_path_factory):
-  """(workdir, config): every task fine-tuned on tiny drawn datasets, the fbp_kd fixture's
-  pretrained teacher as the backbone."""
-  tmp = tmp_path_factory.mktemp('transfer')
+def _train_transfer(tmp, backbone_workdir):
   pm = lambda x: 1 if x > 0 else -1
   root = tmp / 'data'
   folder_dataset(root / 'fer2013', ('label',), lambda i, t: (i % 7,))
@@ -169,10 +164,18 @@ def transfer_workdir(fbp_workdir, tmp_path_factory):
   folder_dataset(root / 'scut_fbp5500', ('score',), lambda i, t: (f'{t["score"]:.3f}',))
   config = configs_for_tests.load('transfer', 'test')
   config.data.root, config.protocols = str(root), 'finetune'
-  config.backbone.update(workdir=str(fbp_workdir), stage='teacher_pretrain')
+  config.backbone.update(workdir=str(backbone_workdir), stage='teacher_pretrain')
   config.backbone.model.update(stem='multiscale', stem_channels=24, stem_stride=2)  # its model
   app.run(config, str(tmp / 'w'))
   return tmp / 'w', config
+
+
+@pytest.fixture(scope='module')
+def transfer_workdir(fbp_job, tmp_path_factory):
+  """(workdir, config): every task fine-tuned on tiny drawn datasets, the session fbp_kd
+  job's pretrained teacher as the backbone; read only."""
+  return built_once(tmp_path_factory, 'transfer_predict',
+                    lambda tmp: _train_transfer(tmp, fbp_job[0]))[1]
 
 
 def test_transfer_predict_every_head(transfer_workdir, photos, tmp_path):

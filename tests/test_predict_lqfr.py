@@ -1,6 +1,6 @@
 """--mode=predict / verify of a tiny trained lqfr_kd workdir."""
 import json
-import shutil
+import os
 
 import numpy as np
 import pytest
@@ -10,18 +10,16 @@ from faceflax import app, predict
 from faceflax.data.errors import DataError
 from faceflax.tasks import lqfr_kd
 from tests import configs_for_tests
+from tests.conftest import copy_workdir
 from tests.predict_helpers import (ALIGN, assert_same_predictions, check_statuses, csv_rows,
                                    needs_detection, real_chips)
 
 
 # ----------------------------------------------------------------------------- lqfr_kd
 
-@pytest.fixture(scope='module')
-def lqfr_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('lqfr')
-  config = configs_for_tests.load('lqfr_kd', 'test')
-  app.run(config, str(workdir))
-  return workdir
+@pytest.fixture
+def lqfr_workdir(lqfr_job):
+  return lqfr_job[0]  # read only
 
 
 def test_lqfr_predict_writes_embeddings_in_csv_order(lqfr_workdir, photos, tmp_path):
@@ -83,15 +81,12 @@ def test_lqfr_predict_and_verify_need_only_the_workdir(lqfr_workdir, photos, tmp
   assert not (tmp_path / 'moved').exists()
 
 
-def test_lqfr_threshold_is_computed_when_results_have_none(lqfr_workdir):
-  config = lqfr_kd.with_data_dir(configs_for_tests.load('lqfr_kd', 'test'), str(lqfr_workdir))
-  saved = json.loads((lqfr_workdir / 'results.json').read_text())
-  results = lqfr_workdir / 'results.json'
-  shutil.move(results, lqfr_workdir / 'results.json.bak')
-  try:
-    job, models = lqfr_kd.trained(config, str(lqfr_workdir))
-    threshold, source = lqfr_kd.validated_threshold(config, job, 'teacher', *models['teacher'])
-  finally:
-    shutil.move(lqfr_workdir / 'results.json.bak', results)
+def test_lqfr_threshold_is_computed_when_results_have_none(lqfr_workdir, tmp_path):
+  workdir = copy_workdir(lqfr_workdir, tmp_path / 'w')
+  config = lqfr_kd.with_data_dir(configs_for_tests.load('lqfr_kd', 'test'), str(workdir))
+  saved = json.loads((workdir / 'results.json').read_text())
+  os.remove(workdir / 'results.json')
+  job, models = lqfr_kd.trained(config, str(workdir))
+  threshold, source = lqfr_kd.validated_threshold(config, job, 'teacher', *models['teacher'])
   assert source.endswith('pairs_val.csv (hq)')
   np.testing.assert_allclose(threshold, saved['teacher']['hq']['threshold'], rtol=1e-5)

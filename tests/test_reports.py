@@ -119,20 +119,17 @@ def test_save_writes_png_and_tensorboard(tmp_path):
   assert writer.images['reports/x/y'].shape == (1, 10, 12, 3)
 
 
-def test_fbp_test_job_writes_its_report_pngs(tmp_path):
-  from faceflax import app
+def test_fbp_test_job_writes_its_report_pngs(fbp_job):
   from tests import configs_for_tests
   config = configs_for_tests.load('fbp_kd', 'test')
-  config.stages = 'teacher_pretrain,teacher_finetune,student_kd,evaluate'
-  config.student.kd.from_pretrained = False
-  app.run(config, str(tmp_path))
-  names = sorted(p.name for p in (tmp_path / 'reports').glob('*.png'))
+  reports_dir = fbp_job[0] / 'reports'  # app.run(config, workdir), once per session
+  names = sorted(p.name for p in reports_dir.glob('*.png'))
   assert names == ['eval_student_scatter.png', 'eval_teacher_scatter.png',
                    'teacher_pretrain_reconstruction.png']
-  grid = np.asarray(Image.open(tmp_path / 'reports' / 'teacher_pretrain_reconstruction.png'))
+  grid = np.asarray(Image.open(reports_dir / 'teacher_pretrain_reconstruction.png'))
   size = config.data.image_size
   assert grid.shape == (4 * size, 3 * size, 3)
-  scatter = np.asarray(Image.open(tmp_path / 'reports' / 'eval_teacher_scatter.png'))
+  scatter = np.asarray(Image.open(reports_dir / 'eval_teacher_scatter.png'))
   assert np.all(scatter == reports.POINT, axis=-1).sum() > 0  # the points are drawn
 
 
@@ -152,18 +149,17 @@ def test_age_job_writes_scatter_confusions_and_msa_attention(faces, age_job, tmp
   assert (tmp_path / 'reports' / f'eval_{faces.name}_race_confusion.png').exists()
 
 
-def test_lqfr_job_writes_roc_per_quality_and_cbam_attention(tmp_path):
-  from faceflax import app
+def test_lqfr_job_writes_roc_per_quality_and_cbam_attention(lqfr_job):
   from tests import configs_for_tests
   config = configs_for_tests.load('lqfr_kd', 'test')
-  config.stages = 'teacher,evaluate'
-  app.run(config, str(tmp_path))
-  names = {p.name for p in (tmp_path / 'reports').glob('*.png')}
-  assert names == {'eval_teacher_roc.png', 'eval_teacher_cbam_attention.png'}, names
-  roc = np.asarray(Image.open(tmp_path / 'reports' / 'eval_teacher_roc.png'))
+  reports_dir = lqfr_job[0] / 'reports'  # app.run(config, workdir), once per session
+  names = {p.name for p in reports_dir.glob('*.png')}
+  assert names == {f'eval_{who}_{kind}.png' for who in ('teacher', 'student_both')
+                   for kind in ('roc', 'cbam_attention')}, names
+  roc = np.asarray(Image.open(reports_dir / 'eval_teacher_roc.png'))
   for colour in reports.CURVES[:3]:  # hq, 8px_both, 8px_probe_vs_hq
     assert np.all(roc == colour, axis=-1).any()
-  overlay = np.asarray(Image.open(tmp_path / 'reports' / 'eval_teacher_cbam_attention.png'))
+  overlay = np.asarray(Image.open(reports_dir / 'eval_teacher_cbam_attention.png'))
   assert overlay.shape[0] == 4 * config.data.image_size and overlay.shape[1] > 2 * config.data.image_size
 
 

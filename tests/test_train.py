@@ -16,7 +16,7 @@ from faceflax.data import DataError
 from faceflax.tasks import fbp_kd
 from faceflax.train import loop, mesh as mesh_lib
 from tests import configs_for_tests
-from tests.conftest import REPO, shared_dataset, xla_flags
+from tests.conftest import REPO, copy_workdir, shared_dataset, xla_flags
 
 
 def _parse(*overrides):
@@ -86,9 +86,10 @@ def test_one_device_equals_eight_devices(tmp_path):
     np.testing.assert_allclose(one[k], eight[k], rtol=1e-3, atol=3e-4, err_msg=k)
 
 
-def test_main_job_end_to_end_then_eval_mode(tmp_path):
+def test_main_job_end_to_end_then_eval_mode(fbp_job, tmp_path):
   config = configs_for_tests.load('fbp_kd', 'test')
-  results = app.run(config, str(tmp_path))
+  trained, results = fbp_job  # app.run(config, workdir), once per session
+  copy_workdir(trained, tmp_path)
   saved = json.loads((tmp_path / 'results.json').read_text())
   for who in ('teacher', 'student'):
     for k in ('pc', 'mae', 'rmse', 'params', 'mflops_per_image'):
