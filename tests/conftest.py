@@ -19,6 +19,7 @@ import tempfile
 # NaN gradients through the CBAM max-pools.) Subprocesses get these through xla_flags().
 FAST_COMPILE = '--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true'
 
+
 def xla_flags(devices: int) -> str:
   return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}'
 

@@ -90,8 +90,10 @@ def fbp_workdir(fbp_job):
 
 
 def test_fbp_predict_statuses_and_scores(fbp_workdir, photos, tmp_path):
+  files_before = sorted(fbp_workdir.rglob('*'))
   out = app.run(configs_for_tests.fbp(), str(fbp_workdir), 'predict', str(photos),
                 str(tmp_path / 'scores.csv'), align=ALIGN)
+  assert sorted(fbp_workdir.rglob('*')) == files_before  # predicting writes nothing there
   rows = csv_rows(tmp_path / 'scores.csv')
   check_statuses(rows, ('teacher_score', 'student_score'))
   assert out['n'] == 4 and out['arrays'] == {}

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 
 from faceflax import losses, metrics, reports
 from faceflax.data import age_datasets, pipeline
@@ -322,8 +321,6 @@ class Job(stages_lib.StageStates):
     check_config(config)
     self.config, self.workdir = config, workdir
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
     self.model = make_model(config)
 
   def stage(self, name, restore_only: bool = False) -> loop.Stage:

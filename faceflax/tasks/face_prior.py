@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
 from faceflax import config_checks, losses, reports
 from faceflax.data import face_regions, pipeline
@@ -225,8 +224,6 @@ class Job(stages_lib.StageStates):
     check_config(config)
     self.config, self.workdir = config, workdir
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
     self.model = make_model(config)
     self.heads = PriorHeads(len(face_regions.REGIONS), self.model.width)
 

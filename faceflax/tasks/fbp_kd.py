@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from faceflax import config_checks, distributed, losses, metrics, reports
@@ -379,7 +378,7 @@ def check_data(config, workdir: str) -> None:
     unlabeled_paths(config, workdir)
 
 
-class Job:
+class Job(stages_lib.JobWriter):
   """Builds each stage lazily; a stage's inputs come from earlier stages' checkpoints."""
 
   def __init__(self, config, workdir):
@@ -388,8 +387,6 @@ class Job:
     size, dtype = config.data.image_size, precision.compute_dtype(config.train)
     self.teacher = make_model(config.teacher.model, size, dtype)
     self.student = make_model(config.student.model, size, dtype)
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
     self._cache = {}
 
   def stage(self, name, restore_only: bool = False) -> loop.Stage:

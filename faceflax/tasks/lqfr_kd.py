@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from faceflax import distributed, losses, metrics, reports
@@ -387,8 +386,6 @@ class Job(stages_lib.StageStates):
     self.config, self.workdir = config, workdir
     self.facts = stages_lib.model_facts(workdir) if recorded else {}
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
 
   @functools.cached_property
   def train_set(self) -> TrainSet:

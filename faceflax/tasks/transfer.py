@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from flax import traverse_util
 
 from faceflax import config_checks, metrics, reports
@@ -565,8 +564,6 @@ class Job(stages_lib.StageStates):
       self.config.stages = ','.join(stage_name(t) for t in self.tasks) if train else ''
     self.workdir = workdir
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0)
     self.model, self.params, self.backbone = (load_backbone(self.config, self.mesh) if backbone
                                               else (make_backbone(self.config), None, {}))
     self.features = feature_fn(self.model, self.mesh)

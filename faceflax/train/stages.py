@@ -1,9 +1,11 @@
 """Stage bookkeeping shared by the tasks: which stages to run and where finished ones live."""
+import functools
 import json
 import os
 
 import jax
 from absl import logging
+from clu import metric_writers
 
 from faceflax.data import bad_data
 from faceflax.train import checkpoint, files, loop, mesh as mesh_lib
@@ -92,12 +94,23 @@ def write_results(path: str, results: dict) -> None:
   write_json(path, {**results, **bad_data.summary()})
 
 
-class StageStates:
+class JobWriter:
+  """Mixin: ``self.writer``, the job's metric writer (TensorBoard from process 0, the
+  log elsewhere) for ``self.workdir``, made on first use: a job that only restores its
+  models to predict leaves no event file behind."""
+
+  @functools.cached_property
+  def writer(self):
+    return metric_writers.create_default_writer(self.workdir,
+                                                just_logging=jax.process_index() > 0)
+
+
+class StageStates(JobWriter):
   """Mixin for a task's Job: each stage's final state, computed once per job.
 
-  The Job provides ``config``, ``workdir``, ``mesh``, ``writer``, ``known_stages``
-  and ``stage(name, restore_only)``; a listed, unfinished stage is run, any other
-  is restored from its checkpoint (here or in ``config.reuse_from``).
+  The Job provides ``config``, ``workdir``, ``mesh``, ``known_stages`` and
+  ``stage(name, restore_only)``; a listed, unfinished stage is run, any other is
+  restored from its checkpoint (here or in ``config.reuse_from``).
   """
   known_stages: tuple = ()
 
