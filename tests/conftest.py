@@ -102,10 +102,11 @@ def transfer_data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def transfer_job(transfer_data_root, tmp_path_factory):
-  """The transfer job of test_transfer._config(transfer_data_root)."""
+def transfer_job(transfer_data_root, fbp_job, tmp_path_factory):
+  """The transfer job of test_transfer.job_config(transfer_data_root, fbp_job[0])."""
   from tests import test_transfer  # pylint: disable=g-import-not-at-top
-  return _train_once(tmp_path_factory, 'transfer_job', test_transfer._config(transfer_data_root))  # pylint: disable=protected-access
+  return _train_once(tmp_path_factory, 'transfer_job',
+                     test_transfer.job_config(transfer_data_root, fbp_job[0]))
 
 
 @pytest.fixture(scope='session')

@@ -13,10 +13,10 @@ from PIL import Image
 from faceflax import app, metrics, predict
 from faceflax.data import align
 from faceflax.data.errors import DataError
-from tests import configs_for_tests
-from tests.conftest import REPO, SHARED_DATA, built_once, copy_workdir, xla_flags
+from tests import configs_for_tests, test_transfer
+from tests.conftest import REPO, SHARED_DATA, copy_workdir, xla_flags
 from tests.predict_helpers import (ALIGN, assert_same_predictions, check_statuses, csv_rows,
-                                   folder_dataset, needs_detection, real_chips)
+                                   needs_detection, real_chips)
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -156,28 +156,11 @@ def test_main_py_predict_flags(fbp_workdir, photos, tmp_path):
   assert rows['corrupt.jpg']['status'] == 'corrupt'
 
 
-def _train_transfer(tmp, backbone_workdir):
-  pm = lambda x: 1 if x > 0 else -1
-  root = tmp / 'data'
-  folder_dataset(root / 'fer2013', ('label',), lambda i, t: (i % 7,))
-  folder_dataset(root / 'celeba_id', ('identity', 'id_noisy', 'Smiling', 'Big_Eyes'),
-                  lambda i, t: (i // 4, 0, pm(t['smile']), pm(t['eye_size'])))
-  folder_dataset(root / 'utkface', ('age',), lambda i, t: (int(40 + 15 * t['eye_height']),))
-  folder_dataset(root / 'scut_fbp5500', ('score',), lambda i, t: (f'{t["score"]:.3f}',))
-  config = configs_for_tests.load('transfer', 'test')
-  config.data.root, config.protocols = str(root), 'finetune'
-  config.backbone.update(workdir=str(backbone_workdir), stage='teacher_pretrain')
-  config.backbone.model.update(stem='multiscale', stem_channels=24, stem_stride=2)  # its model
-  app.run(config, str(tmp / 'w'))
-  return tmp / 'w', config
-
-
-@pytest.fixture(scope='module')
-def transfer_workdir(fbp_job, tmp_path_factory):
-  """(workdir, config): every task fine-tuned on tiny drawn datasets, the session fbp_kd
-  job's pretrained teacher as the backbone; read only."""
-  return built_once(tmp_path_factory, 'transfer_predict',
-                    lambda tmp: _train_transfer(tmp, fbp_job[0]))[1]
+@pytest.fixture
+def transfer_workdir(transfer_data_root, fbp_job, transfer_job):
+  """(workdir, config) of the session's transfer job: every task fine-tuned on tiny drawn
+  datasets, the fbp_kd job's pretrained teacher as the backbone; read only."""
+  return transfer_job[0], test_transfer.job_config(transfer_data_root, fbp_job[0])
 
 
 def test_transfer_predict_every_head(transfer_workdir, photos, tmp_path):
@@ -204,7 +187,7 @@ def test_transfer_predict_needs_only_the_workdir(transfer_workdir, photos, tmp_p
   workdir, config = transfer_workdir
   facts = json.loads((workdir / 'model_facts.json').read_text())
   assert facts['finetune_expression']['class_names'][0] == 'angry'
-  assert facts['finetune_attributes']['columns'] == ['Smiling', 'Big_Eyes']
+  assert facts['finetune_attributes']['columns'] == list(test_transfer.ATTRIBUTES)
   assert facts['finetune_age']['dataset'] == 'utkface' and facts['finetune_age']['target_sd'] > 0
   config = config.copy_and_resolve_references()
   with_data = app.run(config, str(workdir), 'predict', str(photos), str(tmp_path / 'with.csv'),

@@ -164,7 +164,7 @@ def test_lqfr_job_writes_roc_per_quality_and_cbam_attention(lqfr_job):
 
 
 def test_transfer_job_writes_a_picture_per_task_and_protocol(transfer_job, tmp_path):
-  copy_workdir(transfer_job[0], tmp_path)  # app.run(test_transfer._config(data_root), workdir)
+  copy_workdir(transfer_job[0], tmp_path)  # app.run(test_transfer.job_config(...), workdir)
   names = {p.name for p in (tmp_path / 'reports').glob('*.png')}
   kinds = {'expression': 'confusion', 'attributes': 'accuracy', 'age': 'scatter',
            'beauty': 'scatter'}

@@ -61,6 +61,15 @@ def _config(data_root, **overrides):
   return config
 
 
+def job_config(data_root, fbp_workdir):
+  """The session's transfer job (conftest.transfer_job): every task and protocol, the
+  fbp_kd :test job's MAE-pretrained teacher as the backbone."""
+  config = _config(data_root)
+  config.backbone.update(workdir=str(fbp_workdir), stage='teacher_pretrain')
+  config.backbone.model.update(stem='multiscale', stem_channels=24, stem_stride=2)  # its model
+  return config
+
+
 # ----------------------------------------------------------------------------- probes
 
 def test_ridge_matches_lstsq():
@@ -212,8 +221,8 @@ def test_docstring_overrides_build_the_fbp_teacher():
 
 # ----------------------------------------------------------------------------- the job
 
-def test_end_to_end_then_eval_mode(data_root, transfer_job, tmp_path):
-  config = _config(data_root)
+def test_end_to_end_then_eval_mode(data_root, fbp_job, transfer_job, tmp_path):
+  config = job_config(data_root, fbp_job[0])
   trained, results = transfer_job  # app.run(config, workdir), once per session
   copy_workdir(trained, tmp_path)
   saved = json.loads((tmp_path / 'results.json').read_text())
@@ -229,7 +238,11 @@ def test_end_to_end_then_eval_mode(data_root, transfer_job, tmp_path):
   assert saved['age']['fewshot']['n_train'] == 8          # 25% of 32
   assert 0 <= saved['attributes']['linear']['mean_accuracy'] <= 1
   assert {'pc', 'mae', 'rmse'} <= set(saved['beauty']['linear'])
-  assert saved['backbone']['layout'] == 'scratch' and saved['backbone']['feature_dim'] == 32
+  backbone = saved['backbone']
+  assert (backbone['stage'], backbone['layout'], backbone['feature_dim']) == (
+      'teacher_pretrain', 'plain', 32)  # the fbp_kd teacher's MAE, width 32
+  pretrained = json.loads((fbp_job[0] / 'teacher_pretrain' / 'done.json').read_text())
+  assert backbone['step'] == pretrained['steps']  # its last checkpoint
   assert saved['seconds']['age/finetune'] > 0
   assert '| expression | accuracy (higher is better) |' in (tmp_path / 'results.md').read_text()
   assert results['beauty']['finetune'] == saved['beauty']['finetune']
@@ -240,8 +253,9 @@ def test_end_to_end_then_eval_mode(data_root, transfer_job, tmp_path):
     for protocol in ('linear', 'finetune'):
       for k, v in saved[task][protocol].items():
         np.testing.assert_allclose(again[task][protocol][k], v, rtol=1e-4, atol=1e-6)
-  # Another backbone (here: another random init) must not reuse these fine-tuned stages.
-  config.seed = 1
+  # Another backbone (here: the same teacher after fine-tuning) must not reuse these
+  # fine-tuned stages.
+  config.backbone.stage = 'teacher_finetune'
   with pytest.raises(ValueError, match='another backbone'):
     app.run(config, str(tmp_path))
 
