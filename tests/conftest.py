@@ -124,6 +124,21 @@ def lqfr_job(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def face_prior_job(tmp_path_factory):
+  """(workdir, config): the face_prior :test job on one plain folder of drawn faces."""
+  from faceflax import app  # pylint: disable=g-import-not-at-top
+  from tests import configs_for_tests, predict_helpers  # pylint: disable=g-import-not-at-top
+
+  def build(root):
+    predict_helpers.folder_dataset(root / 'data' / 'plain', (), lambda i, t: ())
+    config = configs_for_tests.load('face_prior', 'test')
+    config.data.root, config.data.datasets = str(root / 'data'), 'plain'
+    app.run(config, str(root / 'work'))
+    return root / 'work', config
+  return built_once(tmp_path_factory, 'face_prior_job', build)[1]
+
+
+@pytest.fixture(scope='session')
 def photos(tmp_path_factory):
   """Photos to predict on: see ``predict_helpers.write_photos``."""
   from tests import predict_helpers  # pylint: disable=g-import-not-at-top

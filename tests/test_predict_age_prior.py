@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 
 from faceflax import app, predict
-from tests import configs_for_tests
 from tests.conftest import copy_workdir
-from tests.predict_helpers import ALIGN, check_statuses, csv_rows, folder_dataset
+from tests.predict_helpers import ALIGN, check_statuses, csv_rows
 
 
 def test_age_predict(age_job, age_faces, photos, tmp_path):
@@ -23,12 +22,9 @@ def test_age_predict(age_job, age_faces, photos, tmp_path):
       assert float(row['p_male']) + float(row['p_female']) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_face_prior_predict_features(photos, tmp_path):
-  folder_dataset(tmp_path / 'data' / 'plain', (), lambda i, t: ())
-  config = configs_for_tests.load('face_prior', 'test')
-  config.data.root, config.data.datasets = str(tmp_path / 'data'), 'plain'
-  app.run(config, str(tmp_path / 'w'))
-  out = app.run(config, str(tmp_path / 'w'), 'predict', str(photos), str(tmp_path / 'f.csv'),
+def test_face_prior_predict_features(face_prior_job, photos, tmp_path):
+  workdir, config = face_prior_job  # app.run(config, workdir), once per session
+  out = app.run(config, str(workdir), 'predict', str(photos), str(tmp_path / 'f.csv'),
                 align=ALIGN)
   features = np.load(out['arrays']['features'])
   rows = list(csv_rows(tmp_path / 'f.csv').values())

@@ -1,5 +1,4 @@
 """Visual reports: renderers draw what they claim; each task's tiny job writes its PNGs."""
-import csv
 import os
 
 import numpy as np
@@ -176,23 +175,10 @@ def test_transfer_job_writes_a_picture_per_task_and_protocol(transfer_job, tmp_p
   assert confusion.shape[0] > 7 * (SIZE // 7)  # one row per FER class
 
 
-def test_face_prior_job_writes_its_reconstruction(tmp_path):
+def test_face_prior_job_writes_its_reconstruction(face_prior_job, tmp_path):
   from faceflax import app
-  from faceflax.data import synthetic
-  from tests import configs_for_tests
-  root = tmp_path / 'data' / 'plain'
-  (root / 'images').mkdir(parents=True)
-  images, _ = synthetic.make_faces(32, size=32, seed=0)
-  for i, image in enumerate(images):
-    Image.fromarray(image).save(root / 'images' / f'{i:02d}.png')
-  with open(root / 'labels.csv', 'w', newline='') as f:
-    csv.writer(f).writerows([('filename', 'split')] + [
-        (f'{i:02d}.png', 'train' if i < 24 else 'val') for i in range(32)])
-  config = configs_for_tests.load('face_prior', 'test')
-  config.data.update(root=str(tmp_path / 'data'), datasets='plain')
-  config.eval_batch_size = 8
-  work = tmp_path / 'work'
-  app.run(config, str(work))
+  trained, config = face_prior_job  # app.run(config, workdir), once per session
+  work = copy_workdir(trained, tmp_path / 'work')  # --mode=eval below writes into it
   grid = np.asarray(Image.open(work / 'reports' / 'eval_reconstruction.png'))
   size = config.data.image_size
   assert grid.shape == (4 * size, 3 * size, 3)
