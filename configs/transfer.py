@@ -94,6 +94,11 @@ def get_config(preset: str = ''):
   # bad examples raise an error naming them, or are skipped and counted (skip_bad=True).
   c.train.on_nonfinite = 'stop'
   c.data.skip_bad = False
+  # README "Data at scale": 'cache' decodes the split into memory once, 'stream' reads and
+  # decodes each step's examples (record stores, datasets larger than memory); 'auto' caches
+  # when the decoded split is at most cache_max_gb.
+  c.data.input = 'auto'
+  c.data.cache_max_gb = 2.0
   c.mesh = dict(data=-1, model=1)
   c.train.seed = c.get_ref('seed')
 

@@ -72,6 +72,9 @@ def check_common(config) -> None:
   skip = config.get('data', {}).get('skip_bad', False)
   if not isinstance(skip, bool):
     raise ValueError(f'config.data.skip_bad={skip!r}: expected True or False')
+  if 'data' in config and 'input' in config.data:
+    from faceflax.data import pipeline  # pylint: disable=g-import-not-at-top  # imports TF
+    pipeline.options(config)  # names data.input / data.cache_max_gb when unusable
 
 
 def check_mae(model: mae.MAE, key: str) -> None:

@@ -218,12 +218,13 @@ def attention_overlay(faces, maps, alpha: float = 0.5) -> np.ndarray:
   return to_uint8(grid)
 
 
-def probe_batch(paths, pp: str, cache_pp: str, n: int = 4, labels=None) -> dict:
-  """The first ``n`` examples of ``paths`` (and ``labels``) as evaluation batches them."""
+def probe_batch(images, pp: str, cache_pp: str, n: int = 4, labels=None) -> dict:
+  """The first ``n`` examples of ``images`` (paths or records; and ``labels``) as evaluation
+  batches them."""
   from faceflax.data import pipeline  # pylint: disable=g-import-not-at-top
-  paths = list(paths)[:n]
+  images = pipeline.head(images, n)
   labels = {k: np.asarray(v)[:n] for k, v in (labels or {}).items()}
-  return next(iter(pipeline.make_eval_dataset(paths, labels, batch_size=len(paths), pp=pp,
+  return next(iter(pipeline.make_eval_dataset(images, labels, batch_size=len(images), pp=pp,
                                               cache_pp=cache_pp)))
 
 

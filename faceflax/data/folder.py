@@ -13,7 +13,7 @@ from pathlib import Path, PurePath
 from absl import logging
 import numpy as np
 
-from faceflax.data import bad_data, images
+from faceflax.data import bad_data, images, records
 from faceflax.data.errors import DataError
 
 _MAX_LISTED = bad_data.MAX_LISTED
@@ -25,12 +25,14 @@ class Examples:
 
   ``rows``: each example's row in the source list (0 = the first data row of
   labels.csv), so per-row arrays (``*.npy``) stay aligned after a split or after
-  bad rows were skipped.
+  bad rows were skipped. With a record ``store`` (``records``), ``rows`` are record
+  indices and ``paths`` the records' source names, read lazily from the store.
   """
   name: str
-  paths: tuple[str, ...]
+  paths: 'tuple[str, ...] | records.RecordNames'
   labels: dict[str, np.ndarray]
   rows: np.ndarray | None = dataclasses.field(default=None, compare=False)
+  store: 'records.RecordStore | None' = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     for key, values in self.labels.items():
@@ -49,9 +51,19 @@ class Examples:
     idx = np.asarray(idx)
     if idx.dtype == bool:
       idx = np.flatnonzero(idx)
-    paths = tuple(self.paths[i] for i in idx.tolist())
     labels = {k: v[idx] for k, v in self.labels.items()}
+    if self.store is not None:
+      return Examples(self.name, records.RecordNames(self.store, self.rows[idx]), labels,
+                      self.rows[idx], self.store)
+    paths = tuple(self.paths[i] for i in idx.tolist())
     return Examples(self.name, paths, labels, self.rows[idx])
+
+  @property
+  def images(self):
+    """What the input pipelines read: the image paths, or the store's records."""
+    if self.store is not None:
+      return records.RecordImages(self.store, self.rows)
+    return self.paths
 
 
 def check_relative(filename, where):
@@ -86,7 +98,12 @@ def load_array(path, mmap_mode=None) -> np.ndarray:
 
 
 def screen_files(examples: Examples, where, *, colour_set=True) -> Examples:
-  """``examples`` whose image files exist and decode (``images.screen``); bad ones raise or are skipped."""
+  """``examples`` whose image files exist and decode (``images.screen``); bad ones raise or are skipped.
+
+  A store's records were screened when it was prepared: nothing to do.
+  """
+  if examples.store is not None:
+    return examples
   keep = images.screen(examples.paths, str(where), colour_set=colour_set)
   return examples if keep.all() else examples.select(keep)
 
@@ -166,6 +183,8 @@ def read_folder(root, split=None, *, label_columns=(), check_files=True) -> Exam
   every value is a number (empty -> NaN), else strings.
   """
   root = Path(root).expanduser().absolute()
+  if records.is_store(root) or records.is_insightface_pack(root):
+    return read_store(root, split, label_columns=label_columns)
   images_dir, csv_path = root / 'images', root / 'labels.csv'
   for path in (root, images_dir):
     if not path.is_dir():
@@ -204,3 +223,37 @@ def read_folder(root, split=None, *, label_columns=(), check_files=True) -> Exam
   paths = tuple(str(images_dir / rows[i]['filename']) for i in keep)
   examples = Examples(root.name, paths, labels, np.asarray(keep, int))
   return screen_files(examples, csv_path) if check_files else examples
+
+
+def read_store(root, split=None, *, label_columns=()) -> Examples:
+  """``read_folder`` of a record store (``records``): the same selection and label checks,
+  from the store's memory-mapped columns, without touching an image."""
+  store = records.open_store(root)
+  where = store.manifest_path
+  names = store.column_names
+  for column in label_columns:
+    if column not in names:
+      raise DataError(f'{where}: no column {column!r} (columns: {names})')
+    if store.column(column).dtype.kind not in 'fiu':
+      raise DataError(f'{where}: column {column!r} is not numeric')
+  keep = np.arange(len(store))
+  if split is not None:
+    if 'split' not in names:
+      logging.warning('%s has no "split" column; using all %d records for split %r.',
+                      where, len(store), split)
+    else:
+      column = store.column('split')
+      keep = np.flatnonzero(column == split)
+      if not len(keep):
+        raise DataError(f'{where}: no records with split {split!r}; available splits: '
+                        f'{sorted(np.unique(column).tolist())}')
+  labels = {c: np.asarray(store.column(c)[keep]) for c in names if c not in ('filename', 'row')}
+  for c in label_columns:
+    labels[c] = labels[c].astype(np.float32)
+  examples = Examples(Path(root).name, records.RecordNames(store, keep), labels, keep, store)
+  whys = np.full(len(keep), None, object)
+  for c in label_columns:
+    bad = ~np.isfinite(labels[c])
+    whys[bad] = f'column {c!r} needs a finite number'
+  good = bad_data.screen(str(where), 'bad label value(s)', examples.paths, whys)
+  return examples if good.all() else examples.select(good)

@@ -5,6 +5,7 @@ readers check all their images before training starts (``screen``). Each file is
 checked once per process: results are cached by (path, size, mtime, inode).
 """
 import concurrent.futures
+import io
 import os
 import stat
 import threading
@@ -27,12 +28,12 @@ _cache: dict = {}
 _cache_lock = threading.Lock()
 
 
-def _problem(path) -> tuple[str | None, bool]:
-  """(what is wrong or None, is greyscale) of a regular file, uncached."""
+def _inspect_bytes(data: bytes) -> tuple[str | None, bool]:
+  """(what is wrong or None, is greyscale) of encoded image bytes."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-      with Image.open(path) as image:
+      with Image.open(io.BytesIO(data)) as image:
         fmt, mode, (width, height) = image.format, image.mode, image.size
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many types.
     return f'not an image: {type(e).__name__}: {e}', False
@@ -41,11 +42,26 @@ def _problem(path) -> tuple[str | None, bool]:
   if width * height > MAX_PIXELS:
     return f'{width}x{height} pixels, more than the {MAX_PIXELS} allowed', False
   try:
-    ops.decode_rgb(tf.io.read_file(str(path)))
+    ops.decode_rgb(tf.constant(data))
   except (tf.errors.OpError, ValueError) as e:
     message = getattr(e, 'message', str(e)).strip().splitlines()
     return f'does not decode: {message[0] if message else type(e).__name__}', False
   return None, mode in _GREY_MODES
+
+
+def bytes_problem(data: bytes) -> str | None:
+  """What is wrong with encoded image bytes (a record of a store), or None."""
+  return _inspect_bytes(data)[0]
+
+
+def _problem(path) -> tuple[str | None, bool]:
+  """(what is wrong or None, is greyscale) of a regular file, uncached."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    return f'unreadable: {e}', False
+  return _inspect_bytes(data)
 
 
 def inspect(path) -> tuple[str | None, bool]:

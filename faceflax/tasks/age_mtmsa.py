@@ -134,7 +134,7 @@ def _read_folder(data_dir, split) -> Examples:
           f'bad {column} code(s)')
   labels = {'age': examples.labels['age'].astype(np.float32),
             **{c: _class_codes(examples, c) for c in classes}}
-  return Examples(examples.name, examples.paths, labels, examples.rows)
+  return Examples(examples.name, examples.paths, labels, examples.rows, examples.store)
 
 
 def load_examples(config, split: str) -> Examples:
@@ -174,20 +174,10 @@ def load_examples(config, split: str) -> Examples:
   return examples
 
 
-def cache_pp(config) -> str:
-  return f'decode|resize({config.data.image_size})'
-
-
-def train_pp(config) -> str:
-  return config.data.train_pp.replace('{size}', str(config.data.image_size))
-
-
 def train_batches(config, examples: Examples, batch_size: int, seed: int):
   labels = {k: examples.labels[k] for k in ('age', 'gender', 'race')}
-  return functools.partial(
-      pipeline.make_train_dataset, examples.paths, labels, batch_size=batch_size,
-      pp=train_pp(config), seed=seed, cache_pp=cache_pp(config),
-      process_index=jax.process_index(), process_count=jax.process_count())
+  return pipeline.train_batches(config, examples.images, labels, batch_size=batch_size,
+                                pp=config.data.train_pp, seed=seed)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -277,9 +267,9 @@ def predict(model, variables, examples: Examples, config, mesh) -> dict[str, np.
         pred[head] = jnp.argmax(out[f'{head}_logits'], axis=-1)
     return pred
 
-  return evaluation.predict_all(forward, variables, examples.paths, mesh,
+  return evaluation.predict_all(forward, variables, examples.images, mesh,
                                 batch_size=config.eval_batch_size, pp=config.data.eval_pp,
-                                cache_pp=cache_pp(config))
+                                cache_pp=pipeline.cache_pp(config))
 
 
 def score(pred: dict, examples: Examples) -> dict:
@@ -355,7 +345,8 @@ class Job(stages_lib.StageStates):
       if head in pred and (labels[head] >= 0).any():
         reports.save(self.workdir, f'{prefix}_{head}_confusion', reports.confusion_matrix_image(
             pred[head], labels[head], names, f'{head} ({prefix})'), w)
-    faces = reports.probe_faces(examples.paths, self.config.data.eval_pp, cache_pp(self.config))
+    faces = reports.probe_faces(examples.images, self.config.data.eval_pp,
+                                pipeline.cache_pp(self.config))
     maps = self.model.apply(variables, jnp.asarray(faces))['attention']
     if maps:  # one overlay column per MSA stage
       reports.save(self.workdir, f'{prefix}_msa_attention', reports.attention_overlay(

@@ -144,6 +144,9 @@ def load_faces(config, split: str) -> tuple[tuple, np.ndarray]:
   paths, shapes = [], []
   for root in dataset_dirs(config):
     examples = read_folder(root)
+    if examples.store is not None:
+      raise DataError(f'{root}: face-prior pretraining reads folder-format datasets (it '
+                      'needs their landmark arrays), not record stores')
     if 'split' in examples.labels:
       examples = examples.select(examples.labels['split'] == split)
     if not len(examples):
@@ -155,14 +158,6 @@ def load_faces(config, split: str) -> tuple[tuple, np.ndarray]:
     shapes.append(face_regions.load_face_shapes(root, examples, template))
     logging.info('%s split %r: %d faces', root, split, len(examples))
   return tuple(paths), np.concatenate(shapes)
-
-
-def pp(config, spec: str) -> str:
-  return spec.replace('{size}', str(config.data.image_size))
-
-
-def cache_pp(config) -> str:
-  return f'decode|resize({config.data.image_size})'
 
 
 # ----------------------------------------------------------------------------- stages
@@ -179,11 +174,9 @@ def pretrain_stage(name, model, heads, config, faces) -> loop.Stage:
 
   def batches(start_step):  # faces is None when the stage is only restored
     paths, shapes = faces
-    return pipeline.make_train_dataset(
-        paths, {'face_shapes': shapes}, batch_size=cfg.batch_size,
-        pp=pp(config, config.data.train_pp), seed=config.seed, start_step=start_step,
-        cache_pp=cache_pp(config), process_index=jax.process_index(),
-        process_count=jax.process_count())
+    return pipeline.train_batches(config, paths, {'face_shapes': shapes},
+                                  batch_size=cfg.batch_size, pp=config.data.train_pp,
+                                  seed=config.seed)(start_step=start_step)
 
   return loop.Stage(name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
                     update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
@@ -204,7 +197,8 @@ def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
     raise DataError(f'{len(paths)} val faces do not fill one eval batch of {bs}')
   step = jax.jit(lambda p, b, r: prior_terms(model, heads, config.prior, p, b, r, train=False)[1])
   ds = pipeline.make_eval_dataset(paths[:whole], {'face_shapes': shapes[:whole]}, batch_size=bs,
-                                  pp=pp(config, config.data.eval_pp), cache_pp=cache_pp(config),
+                                  pp=pipeline.spec(config, config.data.eval_pp),
+                                  cache_pp=pipeline.cache_pp(config),
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count(), progress='evaluate')
   sums = {}
@@ -258,7 +252,7 @@ class Job(stages_lib.StageStates):
     if not c.prior.pixel_weight:
       return
     paths, shapes = faces
-    batch = reports.probe_batch(paths, pp(c, c.data.eval_pp), cache_pp(c),
+    batch = reports.probe_batch(paths, pipeline.spec(c, c.data.eval_pp), pipeline.cache_pp(c),
                                 labels={'face_shapes': shapes})
     fractions = face_regions.patch_fractions(jnp.asarray(batch['regions']), self.model.patch)
     out, _ = masked_pretrain(self.model, c.prior, params['mae'], jnp.asarray(batch['image']),

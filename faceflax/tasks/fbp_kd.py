@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from faceflax import config_checks, distributed, losses, metrics, reports
 from faceflax.data import align as align_lib, pipeline, sources, synthetic
+from faceflax.data.errors import DataError
 from faceflax.models import mae
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
@@ -78,29 +79,28 @@ def labeled_examples(config, split: str, workdir: str):
                                protocol=config.data.protocol)
 
 
-def unlabeled_paths(config, workdir: str):
-  """Pretraining images: the labeled train split plus ``data.unlabeled`` folders."""
-  paths = list(labeled_examples(config, config.data.train_split, workdir).paths)
-  extra = [d for d in config.data.unlabeled.split(',') if d.strip()]
-  if extra:
-    paths += sources.list_unlabeled_images([d.strip() for d in extra])
+def unlabeled_images(config, workdir: str):
+  """Pretraining images: the labeled train split plus ``data.unlabeled`` folders.
+
+  Paths, or a record store's records when ``data.dir`` is a store (README "Data at
+  scale"): a store holds all the faces of a run, so it takes no extra folders.
+  """
+  examples = labeled_examples(config, config.data.train_split, workdir)
+  extra = [d.strip() for d in config.data.unlabeled.split(',') if d.strip()]
+  if examples.store is not None:
+    if extra:
+      raise DataError(f'data.unlabeled={config.data.unlabeled!r} with the record store '
+                      f'data.dir={config.data.dir!r}: prepare one store of all the faces')
+    logging.info('pretraining on %d unlabeled faces', len(examples))
+    return examples.images
+  paths = list(examples.paths) + list(sources.list_unlabeled_images(extra) if extra else [])
   logging.info('pretraining on %d unlabeled faces', len(paths))
   return tuple(paths)
 
 
-def train_batches(config, paths, labels, batch_size, seed):
-  return functools.partial(
-      pipeline.make_train_dataset, paths, labels, batch_size=batch_size, pp=train_pp(config),
-      seed=seed, cache_pp=cache_pp(config), process_index=jax.process_index(),
-      process_count=jax.process_count())
-
-
-def train_pp(config) -> str:
-  return config.data.train_pp.replace('{size}', str(config.data.image_size))
-
-
-def cache_pp(config) -> str:
-  return f'decode|resize({config.data.image_size})'
+def train_batches(config, images, labels, batch_size, seed):
+  return pipeline.train_batches(config, images, labels, batch_size=batch_size,
+                                pp=config.data.train_pp, seed=seed)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -146,7 +146,7 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
     return score_terms(model, cfg, out, batch['score'])
 
   batches = None if examples is None else train_batches(
-      config, examples.paths, {'score': examples.labels['score']}, cfg.batch_size, config.seed + 1)
+      config, examples.images, {'score': examples.labels['score']}, cfg.batch_size, config.seed + 1)
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched, batches=batches,
@@ -263,7 +263,7 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
 def kd_batches(cfg, examples, unlabeled, config):
   """start_step -> batches of ``cfg.batch_size`` labeled faces, then (if any) unlabeled ones."""
   score = examples.labels['score']
-  labeled = train_batches(config, examples.paths, {'score': score, 'has_label': np.ones_like(score)},
+  labeled = train_batches(config, examples.images, {'score': score, 'has_label': np.ones_like(score)},
                           cfg.batch_size, config.seed + 2)
   extra = None
   if cfg.unlabeled_batch_size and unlabeled:
@@ -308,9 +308,10 @@ def predict_scores(model, params, examples, config, mesh) -> tuple[np.ndarray, n
   bs = config.eval_batch_size
   mesh_lib.check_batch_size(bs, 'eval_batch_size')
   forward = jax.jit(score_fn(model, config.eval.flip_tta), out_shardings=mesh_lib.replicated(mesh))
-  ds = pipeline.make_eval_dataset(examples.paths, {'score': examples.labels['score']},
+  ds = pipeline.make_eval_dataset(examples.images, {'score': examples.labels['score']},
                                   batch_size=bs, pp=config.data.eval_pp,
-                                  cache_pp=cache_pp(config), process_index=jax.process_index(),
+                                  cache_pp=pipeline.cache_pp(config),
+                                  process_index=jax.process_index(),
                                   process_count=jax.process_count(), progress='evaluate')
   preds, targets = [], []
   for batch in ds:
@@ -375,7 +376,7 @@ def check_data(config, workdir: str) -> None:
   if 'evaluate' in names:
     labeled_examples(config, config.data.eval_split, workdir)
   if {'teacher_pretrain', 'student_pretrain'} & set(names) or kd.unlabeled_batch_size:
-    unlabeled_paths(config, workdir)
+    unlabeled_images(config, workdir)
 
 
 class Job(stages_lib.JobWriter):
@@ -417,9 +418,9 @@ class Job(stages_lib.JobWriter):
     raise KeyError(name)
 
   @functools.cached_property
-  def unlabeled(self) -> tuple:
+  def unlabeled(self):
     """Pretraining images, listed once per job (several stages use them)."""
-    return unlabeled_paths(self.config, self.workdir)
+    return unlabeled_images(self.config, self.workdir)
 
   def provide(self, name, params):
     """Uses ``params`` as the result of stage ``name`` (benchmarks, notebooks)."""
@@ -465,7 +466,7 @@ class Job(stages_lib.JobWriter):
         return
       if probe is None:
         probe = reports.probe_faces(self.unlabeled, self.config.data.eval_pp,
-                                    cache_pp(self.config))
+                                    pipeline.cache_pp(self.config))
       out = model.apply({'params': state['params']}, jnp.asarray(probe), method=model.pretrain,
                         rngs={'mask': jax.random.key(step)})
       grid = reports.reconstruction_grid(out, model.patch, cfg.norm_pix)

@@ -130,10 +130,6 @@ def data_facts(config, ts: TrainSet) -> dict:
   return facts
 
 
-def cache_pp(config) -> str:
-  return f'decode|resize({config.data.image_size})'
-
-
 def train_batches(config, ts: TrainSet, batch_size: int, seed: int, *, degraded: bool,
                   external=None):
   labels = {'label': ts.labels}
@@ -141,10 +137,8 @@ def train_batches(config, ts: TrainSet, batch_size: int, seed: int, *, degraded:
     labels['teacher_embedding'] = external
   # Degrade first: the later ops (flip, value range) then act on both views alike.
   pp = f'{config.data.degrade}|{config.data.train_pp}' if degraded else config.data.train_pp
-  return functools.partial(
-      pipeline.make_train_dataset, ts.examples.paths, labels, batch_size=batch_size, pp=pp,
-      seed=seed, cache_pp=cache_pp(config), process_index=jax.process_index(),
-      process_count=jax.process_count())
+  return pipeline.train_batches(config, ts.examples.images, labels, batch_size=batch_size,
+                                pp=pp, seed=seed)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -305,7 +299,8 @@ def embed(model, variables, paths, config, mesh, quality: str, forward=None) -> 
   key = 'image' if quality == 'hq' else 'image_lq'
   pp = 'value_range(-1, 1)' if quality == 'hq' else f'degrade(resolution={int(quality)})|value_range(-1, 1)'
   forward = forward or embedding_fn(model, mesh)
-  ds = pipeline.make_eval_dataset(paths, {}, batch_size=bs, pp=pp, cache_pp=cache_pp(config),
+  ds = pipeline.make_eval_dataset(paths, {}, batch_size=bs, pp=pp,
+                                  cache_pp=pipeline.cache_pp(config),
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count(), validate=False,
                                   progress=f'embed ({quality})')
@@ -466,7 +461,7 @@ class Job(stages_lib.StageStates):
     w = self.writer
     reports.save(self.workdir, f'{prefix}_roc', reports.roc_image(
         [f for f, _ in rocs.values()], [t for _, t in rocs.values()], list(rocs), prefix), w)
-    faces = reports.probe_faces(paths, 'value_range(-1, 1)', cache_pp(self.config))
+    faces = reports.probe_faces(paths, 'value_range(-1, 1)', pipeline.cache_pp(self.config))
     maps = model.apply(variables, jnp.asarray(faces))['spatial_attention']
     if maps:  # none with model.attention=False
       reports.save(self.workdir, f'{prefix}_cbam_attention', reports.attention_overlay(

@@ -176,14 +176,6 @@ def load_task(config, name: str) -> TaskData:
   return data
 
 
-def cache_pp(config) -> str:
-  return f'decode|resize({config.backbone.image_size})'
-
-
-def train_pp(config) -> str:
-  return config.data.train_pp.replace('{size}', str(config.backbone.image_size))
-
-
 # ----------------------------------------------------------------------------- backbone
 
 def make_backbone(config) -> mae.MAE:
@@ -252,9 +244,9 @@ def load_backbone(config, mesh) -> tuple[mae.MAE, dict, dict]:
 
 def predict(forward, params, examples: Examples, config, mesh) -> np.ndarray:
   """``forward(params, images)`` of every example exactly once, in order."""
-  return evaluation.predict_all(forward, params, examples.paths, mesh,
+  return evaluation.predict_all(forward, params, examples.images, mesh,
                                 batch_size=config.eval_batch_size, pp=config.data.eval_pp,
-                                cache_pp=cache_pp(config))
+                                cache_pp=pipeline.cache_pp(config))
 
 
 def feature_fn(model: mae.MAE, mesh):
@@ -534,11 +526,9 @@ def finetune_stage(name, model: mae.MAE, spec: TaskSpec, out_dim: int, data: Tas
   if data is not None:
     mean, sd = target_stats(data)
     target = data.y_train if kind != 'regression' else (data.y_train - mean) / sd
-    batches = functools.partial(
-        pipeline.make_train_dataset, data.train.paths, {'target': target},
-        batch_size=cfg.batch_size, pp=train_pp(config), seed=config.seed + 1,
-        cache_pp=cache_pp(config), process_index=jax.process_index(),
-        process_count=jax.process_count())
+    batches = pipeline.train_batches(config, data.train.images, {'target': target},
+                                     batch_size=cfg.batch_size, pp=config.data.train_pp,
+                                     seed=config.seed + 1)
   return loop.Stage(name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
                     update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
                     batches=batches, loss_fn=loss_fn)
