@@ -376,6 +376,33 @@ def _empty_out(out):
   return out
 
 
+def write_store(out, num_records, record_bytes, columns, *, source, screened,
+                records_per_shard=100_000) -> Path:
+  """Writes an array_record store: ``record_bytes(i)`` for i < ``num_records``, in
+  shards of at most ``records_per_shard``, the ``columns`` (one row per record) and the
+  manifest (``source``: where the data came from; ``screened``: what was checked)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  out = _empty_out(out)
+  num_shards = max(1, -(-num_records // records_per_shard))
+  bounds = np.linspace(0, num_records, num_shards + 1).astype(int)
+  shards = []
+  tick = progress.counter(f'writing {out}', num_records)
+  for s in range(num_shards):
+    name = SHARD_PATTERN.format(s, num_shards)
+    writer = array_record_module.ArrayRecordWriter(str(out / name), _WRITER_OPTIONS)
+    for i in range(bounds[s], bounds[s + 1]):
+      writer.write(record_bytes(i))
+      tick()
+    writer.close()
+    shards.append({'path': name, 'num_records': int(bounds[s + 1] - bounds[s]),
+                   **_file_facts(out / name)})
+  _write_manifest(out, {'backend': 'array_record', 'num_records': int(num_records),
+                        'shards': shards, 'columns': _write_columns(out, columns),
+                        'source': source, 'screened': screened})
+  logging.info('wrote %d records in %d shard(s) to %s', num_records, num_shards, out)
+  return out
+
+
 def prepare_folder(source, out, *, records_per_shard=100_000) -> Path:
   """Writes the folder-format dataset ``source`` (every split) as an array_record store.
 
@@ -383,37 +410,21 @@ def prepare_folder(source, out, *, records_per_shard=100_000) -> Path:
   and listed in the manifest with ``data.skip_bad``), then stored byte for byte. All
   labels.csv columns become columns, plus 'row' (the labels.csv row of each record).
   """
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from faceflax.data import folder  # pylint: disable=g-import-not-at-top  # folder imports us
   source = Path(source).expanduser().absolute()
+  if is_store(source):
+    raise DataError(f'{source} is already a record store')
   examples = folder.read_folder(source)
-  out = _empty_out(out)
-  n = len(examples)
-  num_shards = max(1, -(-n // records_per_shard))
-  bounds = np.linspace(0, n, num_shards + 1).astype(int)
-  shards = []
-  tick = progress.counter(f'writing {out}', n)
-  for s in range(num_shards):
-    name = SHARD_PATTERN.format(s, num_shards)
-    writer = array_record_module.ArrayRecordWriter(str(out / name), _WRITER_OPTIONS)
-    for i in range(bounds[s], bounds[s + 1]):
-      writer.write(Path(examples.paths[i]).read_bytes())
-      tick()
-    writer.close()
-    shards.append({'path': name, 'num_records': int(bounds[s + 1] - bounds[s]),
-                   **_file_facts(out / name)})
   columns = dict(examples.labels)
   columns['filename'] = [os.path.relpath(p, source / 'images') for p in examples.paths]
   columns['row'] = examples.rows.astype(np.int64)
-  skipped = bad_data.summary().get('data_skipped', {'count': 0})
-  _write_manifest(out, {
-      'backend': 'array_record', 'num_records': n, 'shards': shards,
-      'columns': _write_columns(out, columns),
-      'source': {'kind': 'folder', 'dir': str(source), **_labels_fingerprint(
-          source / 'labels.csv')},
-      'screened': {'checked': 'every row of labels.csv', 'skipped': skipped}})
-  logging.info('wrote %d records in %d shard(s) to %s', n, num_shards, out)
-  return out
+  return write_store(
+      out, len(examples), lambda i: Path(examples.paths[i]).read_bytes(), columns,
+      source={'kind': 'folder', 'dir': str(source),
+              **_labels_fingerprint(source / 'labels.csv')},
+      screened={'checked': 'every row of labels.csv',
+                'skipped': bad_data.summary().get('data_skipped', {'count': 0})},
+      records_per_shard=records_per_shard)
 
 
 def prepare_insightface(pack, out=None) -> Path:
