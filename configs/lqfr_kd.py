@@ -5,7 +5,8 @@ Presets (``--config=configs/lqfr_kd.py:<preset>``):
              student with both KD terms; < 15 min on 2 CPU cores
   celeba     ../shared/data/celeba_id identities, the full ablation table (5 students
              and the external teacher); < 60 min on 2 CPU cores
-  paper      ResNeXt-50 32x4d, 512-d embeddings, paper-length schedules, for accelerators
+  paper      ResNeXt-50 32x4d, 512-d embeddings, paper-length schedules, for accelerators;
+             CASIA-WebFace's insightface pack, AgeDB-30 / CPLFW at HQ, x2, x4, x8
   test       tiny, seconds; used by the tests
 
 Students are stages named ``student_<variant>``: nokd (ArcFace only), output (+ output
@@ -45,7 +46,8 @@ def get_config(preset: str = ''):
       degrade='degrade(resolution=(14, 28, 56, 64), blur=(0.5, 1.5), blur_prob=0.3, '
               'noise=(2.0, 8.0), noise_prob=0.3, jpeg=(30, 90), jpeg_prob=0.3)',
   )
-  # Verification qualities: 'hq' or the side (px) faces are downsampled to and back.
+  # Verification qualities: 'hq', the side (px) faces are downsampled to and back, or 'x2',
+# 'x4', ...: blurred (sigma factor/2) and bicubic-downsampled by the factor, then back.
   c.eval = dict(qualities='hq,56,28,14', num_folds=10, far=1e-3)
 
   model = dict(variant='small', attention=True, dropout=0.0)
@@ -88,6 +90,12 @@ def get_config(preset: str = ''):
     c.stages = ('teacher,student_nokd,student_output,student_attention,student_both,'
                 'student_external,evaluate')
   elif preset == 'paper':
+    # CASIA-WebFace as insightface packs it (train.rec/.idx, 10,575 identities, 112 px, with
+    # agedb_30.bin and cplfw.bin beside it), indexed once by `python -m faceflax.data.prepare`
+    # and streamed from train.rec (README "Data at scale"). Override to where the pack is.
+    c.data.dir = '/path/to/faces_webface_112x112'
+    c.data.eval_pairs = 'agedb_30.bin,cplfw.bin'
+    c.eval.qualities = 'hq,x2,x4,x8'  # the paper's protocol: blur, bicubic down by 2/4/8, back
     c.data.image_size = c.data.synthetic.size = 112
     c.data.degrade = c.data.degrade.replace('56, 64)', '56, 112)')
     c.teacher.model.update(variant='resnext50_32x4d')

@@ -1,8 +1,12 @@
 """Two processes on localhost (CPU, gloo) = one process over the same global batch.
 
 Each process of ``main.py`` has 4 simulated devices (8 in all, as in this test
-process), reads its half of every batch and of the evaluation set, and both
-write one Orbax checkpoint that this single process then restores.
+process), streams its half of every batch from a record store (README "Data at
+scale") and reads its half of the evaluation set, and both write one Orbax
+checkpoint that this single process then restores. That each process reads its
+own records and together every record once per epoch is checked record by record
+in ``test_records.test_processes_read_disjoint_records_covering_the_epoch``; here
+the losses and scores of the two processes equal the one process's.
 """
 import json
 import os
@@ -14,15 +18,28 @@ import time
 import jax
 import numpy as np
 
+import pytest
+
 from faceflax import app
+from faceflax.data import records, synthetic
 from faceflax.tasks import fbp_kd
 from tests import configs_for_tests
 from tests.conftest import REPO, xla_flags
 
 OVERRIDES = {'stages': 'teacher_finetune,student_kd,evaluate',
              'teacher.finetune.from_pretrained': False, 'student.kd.from_pretrained': False,
-             # 37 val faces in batches of 16: the last batch has 5 rows, all on process 0.
-             'data.synthetic.num_val': 37, 'train.checkpoint_every': 4}
+             'train.checkpoint_every': 4, 'train.log_every': 1, 'data.input': 'stream'}
+NUM_VAL = 37  # in batches of 16: the last batch has 5 rows, all on process 0.
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+  """The test preset's drawn faces (37 val) as a record store."""
+  s = configs_for_tests.load('fbp_kd', 'test').data.synthetic
+  root = tmp_path_factory.mktemp('faces')
+  faces = synthetic.write_folder_dataset(root / 'folder', num_train=s.num_train,
+                                         num_val=NUM_VAL, size=s.size, seed=s.seed)
+  return records.prepare_folder(faces, root / 'store')
 
 
 def _free_port() -> int:
@@ -31,7 +48,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_process_run(workdir, log_dir):
+def _two_process_run(workdir, log_dir, data_dir):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
@@ -41,6 +58,7 @@ def _two_process_run(workdir, log_dir):
     procs.append(subprocess.Popen(
         [sys.executable, str(REPO / 'main.py'), f'--config={REPO}/configs/fbp_kd.py:test',
          f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in OVERRIDES.items()),
+         f'--config.data.dir={data_dir}', '--config.data.eval_split=val',
          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
         env=env, cwd=REPO, stdout=logs[-1], stderr=subprocess.STDOUT))
   for p, f in zip(procs, logs):
@@ -55,8 +73,9 @@ def _two_process_run(workdir, log_dir):
   return (log_dir / 'process0.log').read_text()
 
 
-def _config():
+def _config(data_dir):
   config = configs_for_tests.load('fbp_kd', 'test')
+  config.data.dir, config.data.eval_split = str(data_dir), 'val'
   for key, value in OVERRIDES.items():
     *parents, leaf = key.split('.')
     node = config
@@ -66,20 +85,30 @@ def _config():
   return config
 
 
-def test_two_processes_equal_one_and_their_checkpoint_restores_in_one(tmp_path):
+def _losses(workdir, stage):
+  return [json.loads(line)['loss'] for line in (workdir / stage / 'metrics.jsonl').open()]
+
+
+def test_two_processes_equal_one_and_their_checkpoint_restores_in_one(tmp_path, store):
   t0 = time.perf_counter()
-  log = _two_process_run(tmp_path / 'two', tmp_path)
+  log = _two_process_run(tmp_path / 'two', tmp_path, store)
   seconds = time.perf_counter() - t0
   assert 'process 0 of 2, 4 local / 8 global devices' in log
 
-  config = _config()
+  config = _config(store)
   assert jax.device_count() == 8 and jax.process_count() == 1
   one = app.run(config, str(tmp_path / 'one'))
   two = json.loads((tmp_path / 'two' / 'results.json').read_text())
+  for stage in ('teacher_finetune', 'student_kd'):  # the same batches, step for step
+    ones, twos = _losses(tmp_path / 'one', stage), _losses(tmp_path / 'two', stage)
+    assert len(ones) == len(twos) == config.teacher.finetune.steps
+    np.testing.assert_allclose(twos, ones, rtol=1e-4)
   for who in ('teacher', 'student'):
-    assert two[who]['n'] == one[who]['n'] == 37  # every val face exactly once
+    assert two[who]['n'] == one[who]['n'] == NUM_VAL  # every val face exactly once
+    # Gloo's all-reduce sums the gradients in another order than one process does: the
+    # parameters differ by up to ~1e-4 (checked below), the scores by as much.
     for k in ('pc', 'mae', 'rmse'):
-      np.testing.assert_allclose(two[who][k], one[who][k], rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(two[who][k], one[who][k], rtol=1e-3, atol=1e-4)
 
   # The 2-process checkpoints, restored here by one process, equal the 1-process run's.
   diffs = []

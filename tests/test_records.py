@@ -265,3 +265,48 @@ def test_insightface_rec_changed_after_indexing(tmp_path):
     f.write(b'\x00' * 8)
   with pytest.raises(DataError, match='train.rec: .* bytes, but .*truncated or rewritten'):
     folder.read_folder(pack)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _identities_as_pack(identities, pack):
+  """The synthetic identities' train rows as an insightface pack, their val pairs as a .bin."""
+  from faceflax.data import pairs as pairs_lib  # pylint: disable=g-import-not-at-top
+  ex = folder.read_folder(identities, 'train', label_columns=('identity',))
+  pack.mkdir()
+  n = len(ex)
+  rows = [(0, 2, [n + 1, n + 1], b'')]
+  rows += [(i + 1, 0, ex.labels['identity'][i], Path(p).read_bytes())
+           for i, p in enumerate(ex.paths)]
+  records.write_recordio(pack / 'train.rec', pack / 'train.idx', rows)
+  p = pairs_lib.read_pairs_csv(identities / 'pairs_val.csv', identities / 'images')
+  pairs_lib.write_bin(pack / 'val.bin', [Path(a).read_bytes() for a in p.paths_a],
+                      [Path(b).read_bytes() for b in p.paths_b], p.same)
+  return ex
+
+
+def test_lqfr_trains_from_an_insightface_pack_and_scores_its_bin(tmp_path):
+  from faceflax import app  # pylint: disable=g-import-not-at-top
+  from faceflax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
+  config = configs_for_tests.load('lqfr_kd', 'test')
+  s = config.data.synthetic
+  identities = Path(synthetic.write_identity_dataset(
+      tmp_path / 'ids', num_train_ids=s.num_train_ids, num_val_ids=s.num_val_ids,
+      per_id=s.per_id, num_pairs=s.num_pairs, size=s.size, seed=s.seed))
+  pack = tmp_path / 'faces_toy_112x112'
+  ex = _identities_as_pack(identities, pack)
+  records.prepare_insightface(pack)
+  config.data.dir = str(pack)
+  config.data.eval_pairs = 'val.bin'
+  config.eval.qualities = 'hq,x2'
+  config.data.input = 'stream'
+  config.stages = 'teacher,evaluate'
+  results = app.run(config, str(tmp_path / 'work'))
+  facts = json.loads((tmp_path / 'work' / 'model_facts.json').read_text())
+  assert facts['num_classes'] == len(np.unique(ex.labels['identity'])) == s.num_train_ids
+  table = results['teacher']
+  assert set(table) >= {'hq', 'x2_both', 'x2_probe_vs_hq'}
+  assert results['data']['num_pairs'] == s.num_pairs
+  rows = [json.loads(l) for l in (tmp_path / 'work' / 'teacher' / 'metrics.jsonl').open()]
+  assert [r['step'] for r in rows] == [2, 4] and all(np.isfinite(r['loss']) for r in rows)

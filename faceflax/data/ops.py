@@ -224,11 +224,12 @@ def _gaussian_blur(x, sigma, radius):
 
 @register('degrade')
 def get_degrade(resolution=None, blur=None, blur_prob=1.0, noise=None, noise_prob=1.0,
-                jpeg=None, jpeg_prob=1.0, upsample='bicubic'):
+                jpeg=None, jpeg_prob=1.0, upsample='bicubic', downsample='area'):
   """Writes a low-quality copy of 'image' to 'image_lq' (same shape and dtype).
 
   Models a poor capture: Gaussian blur of sigma `blur` (input pixels), area
-  downsampling to `resolution` px square, Gaussian noise of sigma `noise`
+  downsampling (`downsample`: 'area' or 'bicubic') to `resolution` px square, Gaussian
+  noise of sigma `noise`
   (0-255 units) and JPEG at quality `jpeg`, then `upsample` ('bicubic' or
   'bilinear') back to the input size. Noise and JPEG act at the low
   resolution, as in a low-resolution camera. A (lo, hi) range is drawn
@@ -248,6 +249,8 @@ def get_degrade(resolution=None, blur=None, blur_prob=1.0, noise=None, noise_pro
       raise ValueError(f'degrade: {name} must be in [0, 1], got {prob!r}')
   if upsample not in ('bicubic', 'bilinear'):
     raise ValueError(f"degrade: upsample must be 'bicubic' or 'bilinear', got {upsample!r}")
+  if downsample not in ('area', 'bicubic'):
+    raise ValueError(f"degrade: downsample must be 'area' or 'bicubic', got {downsample!r}")
   # Steps that cannot change the image are dropped, so they need no seed either.
   blur = _degrade_range('blur', blur) if blur_prob else None
   noise = _degrade_range('noise', noise) if noise_prob else None
@@ -282,7 +285,8 @@ def get_degrade(resolution=None, blur=None, blur_prob=1.0, noise=None, noise_pro
       if len(set(resolutions)) > 1:
         low = tf.gather(resolutions, tf.random.stateless_uniform(
             [], seeds[2], 0, len(resolutions), tf.int32))
-      x = tf.image.resize(x, tf.stack([low, low]), method='area')
+      x = tf.image.resize(x, tf.stack([low, low]), method=downsample,
+                          antialias=downsample == 'bicubic')
     if noise:
       x = _sometimes(noise_prob, seeds[3], lambda x: tf.clip_by_value(
           x + _uniform(*noise, seeds[4]) * tf.random.stateless_normal(tf.shape(x), seeds[5]),

@@ -1,8 +1,9 @@
 """Deterministic, resumable tf.data input pipelines that yield numpy batches.
 
-Images come from files (a folder-format dataset) or from a record store
-(``records``: array_record shards or an insightface pack); labels are numpy
-columns, gathered per batch. Two ways to feed training (``data.input``):
+Images come from files (a folder-format dataset), from a record store
+(``records``: array_record shards or an insightface pack) or from memory
+(``EncodedImages``: a verification ``.bin``); labels are numpy columns, gathered
+per batch. Two ways to feed training (``data.input``):
 
 - ``cache``: the whole split is decoded and resized once (``cache_pp``) into one
   in-memory element; the fastest path when the split fits in memory.
@@ -43,7 +44,7 @@ def validate_images(paths):
   since dropping rows here would misalign predictions with their labels. A
   store's records were screened when it was prepared.
   """
-  if not isinstance(paths, records.RecordImages):
+  if not isinstance(paths, (records.RecordImages, EncodedImages)):
     images_lib.screen(paths, 'input pipeline', skippable=False, colour_set=False)
 
 
@@ -84,14 +85,22 @@ def spec(config, text: str) -> str:
   return text.replace('{size}', str(image_size(config)))
 
 
-def _num_images(images) -> int:
-  return len(images)
+@dataclasses.dataclass(frozen=True)
+class EncodedImages:
+  """Encoded image bytes held in memory (an object array), e.g. a verification ``.bin``'s."""
+  data: np.ndarray
+  name: str = 'memory'
+
+  def __len__(self):
+    return len(self.data)
 
 
 def _image_source(images):
   """(numpy column read per chunk, whether it holds paths to read) of ``images``."""
   if isinstance(images, records.RecordImages):
     return images.indices, False
+  if isinstance(images, EncodedImages):
+    return np.asarray(images.data, dtype=object), False
   return np.asarray([str(p) for p in images]), True
 
 
@@ -124,16 +133,16 @@ class _Reader:
   """
 
   def __init__(self, images, labels):
-    if not _num_images(images):
+    if not len(images):
       raise DataError('no examples selected')
     self.images = images
-    self.num_examples = _num_images(images)
+    self.num_examples = len(images)
     self.column, self.from_files = _image_source(images)
     self.labels = _label_columns(labels, self.num_examples)
     self.store = images.store if isinstance(images, records.RecordImages) else None
 
   def _gather(self, positions):
-    if self.from_files:
+    if self.store is None:  # paths (read by tf.data) or bytes
       image = self.column[positions]
     else:
       image = np.asarray(self.store.read(self.column[positions]), dtype=object)
@@ -156,6 +165,8 @@ class _Reader:
   def describe(self, position) -> str:
     if self.from_files:
       return str(self.column[position])
+    if self.store is None:
+      return f'{self.images.name} image {position}'
     return self.store.describe(int(self.column[position]))
 
   def find_bad(self, positions) -> list[str]:
@@ -164,8 +175,11 @@ class _Reader:
     for p in positions:
       p = int(p)
       try:
-        data = (open(self.column[p], 'rb').read() if self.from_files  # noqa: SIM115
-                else self.store.read([self.column[p]])[0])
+        if self.from_files:
+          with open(self.column[p], 'rb') as f:
+            data = f.read()
+        else:
+          data = self.column[p] if self.store is None else self.store.read([self.column[p]])[0]
         why = images_lib.bytes_problem(data)
       except (OSError, DataError) as e:
         why = str(e)
@@ -199,20 +213,23 @@ def _with_options(dataset):
   return dataset.with_options(options)
 
 
-def _cached_bytes(reader, cache_pp) -> int:
-  """Bytes the decoded split takes in the cache (fixed-size images are required)."""
+def _cached_bytes(reader, cache_pp) -> int | None:
+  """Bytes the decoded split takes in the cache; None when ``cache_pp`` keeps each image's
+  own size (unknown before decoding)."""
   spec = _loaded(reader, tf.data.Dataset.from_tensors(tf.zeros([1], tf.int64)),
                  cache_pp).element_spec
   if not spec['image'].shape.is_fully_defined():
-    raise ValueError(f'cache_pp {cache_pp!r} must give fixed-size images (end with resize)')
+    return None
   per_example = sum(s.shape.num_elements() * s.dtype.size for s in spec.values())
   return per_example * reader.num_examples
 
 
 def choose_mode(reader, opts: InputOptions) -> str:
+  """``opts.mode``, or for 'auto' whether the decoded split fits in ``cache_max_gb``."""
   if opts.mode != 'auto':
     return opts.mode
-  return 'cache' if _cached_bytes(reader, opts.cache_pp) <= opts.cache_max_gb * 2**30 else 'stream'
+  size = _cached_bytes(reader, opts.cache_pp)
+  return 'cache' if size is None or size <= opts.cache_max_gb * 2**30 else 'stream'
 
 
 class _EpochOrder:
@@ -309,9 +326,9 @@ def make_train_dataset(images, labels, *, batch_size, pp, seed, start_step=0,
     everything = _loaded(
         reader, tf.data.Dataset.range(reader.num_examples).batch(_READ_CHUNK), cache_pp,
         progress=f'caching the training images ({cache_pp})')
-    everything = everything.batch(reader.num_examples)
-    _cached_bytes(reader, cache_pp)  # fixed-size images, or a clear error
-    everything = everything.cache()
+    if _cached_bytes(reader, cache_pp) is None:  # one tensor holds them all
+      raise ValueError(f'cache_pp {cache_pp!r} must give fixed-size images (end with resize)')
+    everything = everything.batch(reader.num_examples).cache()
 
     def epoch_examples(epoch):
       positions = this_epoch(epoch)
@@ -415,4 +432,6 @@ def head(images, n):
   """The first ``n`` of ``images`` (paths or records), for probe batches."""
   if isinstance(images, records.RecordImages):
     return records.RecordImages(images.store, images.indices[:n])
+  if isinstance(images, EncodedImages):
+    return EncodedImages(images.data[:n], images.name)
   return list(images[:n]) if hasattr(images, '__getitem__') else list(images)[:n]

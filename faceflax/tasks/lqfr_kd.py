@@ -273,11 +273,26 @@ def check_config(config) -> None:
 
 
 def qualities(config) -> list[str]:
+  """'hq'; 'N': down to N px (area) and back; 'xF': the low-resolution protocol of
+  the paper and of the face-SR literature, a Gaussian blur of sigma F/2 then bicubic
+  downsampling by F (antialiased, as MATLAB's imresize) and bicubic back."""
   out = [q.strip() for q in config.eval.qualities.split(',') if q.strip()]
   for q in out:
-    if q != 'hq' and not q.isdigit():
-      raise ValueError(f"eval.qualities: {q!r} is neither 'hq' nor a size in pixels")
+    if q != 'hq' and not q.isdigit() and not (q[:1] == 'x' and q[1:].isdigit() and int(q[1:])):
+      raise ValueError(f"eval.qualities: {q!r} is neither 'hq', a size in pixels nor a "
+                       "downsampling factor 'x2', 'x4', ...")
   return out
+
+
+def quality_pp(quality: str, size: int) -> str:
+  """The eval preprocessing of one ``qualities`` entry (the degraded view is 'image_lq')."""
+  if quality == 'hq':
+    return 'value_range(-1, 1)'
+  if quality.isdigit():
+    return f'degrade(resolution={int(quality)})|value_range(-1, 1)'
+  factor = int(quality[1:])
+  return (f'degrade(resolution={max(1, size // factor)}, blur={factor / 2}, '
+          "downsample='bicubic')|value_range(-1, 1)")
 
 
 def embedding_fn(model, mesh):
@@ -297,7 +312,7 @@ def embed(model, variables, paths, config, mesh, quality: str, forward=None) -> 
   bs = config.eval_batch_size
   mesh_lib.check_batch_size(bs, 'eval_batch_size')
   key = 'image' if quality == 'hq' else 'image_lq'
-  pp = 'value_range(-1, 1)' if quality == 'hq' else f'degrade(resolution={int(quality)})|value_range(-1, 1)'
+  pp = quality_pp(quality, config.data.image_size)
   forward = forward or embedding_fn(model, mesh)
   ds = pipeline.make_eval_dataset(paths, {}, batch_size=bs, pp=pp,
                                   cache_pp=pipeline.cache_pp(config),
@@ -329,27 +344,51 @@ def verification_table(embeddings: dict, pairs, config, rocs: dict | None = None
       sim = np.sum(e[a] * gallery, axis=1)
       acc = metrics.verification_accuracy(sim, same, num_folds=config.eval.num_folds)
       tar, _ = metrics.tar_at_far(sim, same, far=config.eval.far)
-      key = q if q == 'hq' else f'{q}px_{side}'
+      key = q if q == 'hq' else f'{q}px_{side}' if q.isdigit() else f'{q}_{side}'
       table[key] = {**acc, f'tar_at_far_{config.eval.far:g}': tar}
       if rocs is not None:
         rocs[key] = metrics.roc_curve(sim, same)[:2]
   return table
 
 
+def eval_sets(config) -> list[tuple[str, object, tuple]]:
+  """(name, images, (index_a, index_b, same)) of each ``data.eval_pairs`` entry.
+
+  An entry is a pairs CSV over ``data.dir``/images (images: the unique paths) or an
+  insightface verification file such as ``agedb_30.bin`` or ``cplfw.bin`` beside a
+  training pack (images: its encoded bytes, a0, a1, ..., b0, b1, ...).
+  """
+  entries = [e.strip() for e in config.data.eval_pairs.split(',') if e.strip()]
+  if not entries:
+    raise ValueError('config.data.eval_pairs is empty: name a pairs CSV or .bin file')
+  sets = []
+  for entry in entries:
+    path = os.path.join(config.data.dir, entry)
+    name = os.path.splitext(os.path.basename(entry))[0]
+    if entry.endswith('.bin'):
+      b = pairs_lib.read_bin(path)
+      n = len(b)
+      images = pipeline.EncodedImages(np.concatenate([b.images_a, b.images_b]), path)
+      sets.append((name, images, (np.arange(n), np.arange(n, 2 * n), b.same)))
+      continue
+    p = pairs_lib.read_pairs_csv(path, os.path.join(config.data.dir, 'images'))
+    unique, inverse = np.unique(np.concatenate([p.paths_a, p.paths_b]), return_inverse=True)
+    n = len(p.paths_a)
+    pipeline.validate_images(list(unique))
+    sets.append((name, tuple(unique), (inverse[:n], inverse[n:], np.asarray(p.same, bool))))
+  return sets
+
+
 def eval_pairs(config):
-  """(unique image paths, (index_a, index_b, same)) of the verification pairs."""
-  path = os.path.join(config.data.dir, config.data.eval_pairs)
-  p = pairs_lib.read_pairs_csv(path, os.path.join(config.data.dir, 'images'))
-  unique, inverse = np.unique(np.concatenate([p.paths_a, p.paths_b]), return_inverse=True)
-  n = len(p.paths_a)
-  pipeline.validate_images(list(unique))
-  return tuple(unique), (inverse[:n], inverse[n:], np.asarray(p.same, bool))
+  """(images, (index_a, index_b, same)) of the first verification set (``eval_sets``)."""
+  return eval_sets(config)[0][1:]
 
 
 def external_reference(config, paths, pairs) -> dict | None:
   """The external teacher's own HQ verification accuracy, when it covers the pair images."""
   path = os.path.join(config.data.dir, config.data.external_teacher)
-  if not config.data.external_teacher or not os.path.isfile(path):
+  if (not config.data.external_teacher or not os.path.isfile(path)
+      or not isinstance(paths, tuple)):  # .bin pairs: not images of data.dir
     return None
   everything = read_folder(config.data.dir, check_files=False)
   row = {p: i for i, p in enumerate(everything.paths)}
@@ -437,23 +476,33 @@ class Job(stages_lib.StageStates):
 
   def score(self, models: dict, prefix: str | None = None) -> dict:
     """Verification table per model; with ``prefix``, also its report PNGs (README)."""
-    paths, pairs = eval_pairs(self.config)
+    sets = eval_sets(self.config)
     results, forwards = {}, {}
     for name, (model, variables) in models.items():
       # One compiled forward per architecture: all students share the student's.
       forward = forwards.setdefault(id(model), embedding_fn(model, self.mesh))
-      emb = {q: embed(model, variables, paths, self.config, self.mesh, q, forward)
-             for q in qualities(self.config)}
-      rocs = {}
-      results[name] = {**verification_table(emb, pairs, self.config, rocs),
-                       **model_report(model, variables, self.config.data.image_size)}
-      if prefix is not None:  # all processes (the model runs); process 0 writes the files
-        self.write_reports(f'{prefix}_{name}', model, variables, paths, rocs)
+      results[name] = {}
+      for set_name, images, pairs in sets:
+        emb = {q: embed(model, variables, images, self.config, self.mesh, q, forward)
+               for q in qualities(self.config)}
+        rocs = {}
+        table = verification_table(emb, pairs, self.config, rocs)
+        # One set: its cells at the top ('hq', '14px_both'); several: 'agedb_30/hq', ...
+        cell_prefix = '' if len(sets) == 1 else f'{set_name}/'
+        results[name].update({cell_prefix + k: v for k, v in table.items()})
+        if prefix is not None:  # all processes (the model runs); process 0 writes the files
+          report = prefix if len(sets) == 1 else f'{prefix}_{set_name}'
+          self.write_reports(f'{report}_{name}', model, variables, images, rocs)
+      results[name].update(model_report(model, variables, self.config.data.image_size))
+    _, paths, pairs = sets[0]
     ref = external_reference(self.config, paths, pairs)
     if ref is not None:
       results['external_teacher_embeddings'] = ref
     results['data'] = {'dir': self.config.data.dir, 'pairs': self.config.data.eval_pairs,
                        'num_pairs': int(len(pairs[2])), 'num_images': len(paths)}
+    if len(sets) > 1:
+      results['data']['sets'] = {n: {'num_pairs': int(len(p[2])), 'num_images': len(i)}
+                                 for n, i, p in sets}
     return results
 
   def write_reports(self, prefix: str, model, variables, paths, rocs: dict) -> None:
@@ -617,7 +666,8 @@ def verify(config, workdir: str, input_path: str, align: str = 'auto') -> dict:
 
 def log_table(results: dict, writer) -> None:
   for name, r in results.items():
-    if not isinstance(r, dict) or 'hq' not in r:
+    if not isinstance(r, dict) or not any(isinstance(v, dict) and 'accuracy' in v
+                                          for v in r.values()):
       continue
     cells = '  '.join(f'{q}={v["accuracy"]:.4f}' for q, v in r.items()
                       if isinstance(v, dict) and 'accuracy' in v)
