@@ -1,4 +1,9 @@
-"""SIGTERM mid-epoch: the run saves the current step, exits 75, and resumes step for step."""
+"""SIGTERM mid-epoch: the run saves the current step, exits 75, and resumes step for step.
+
+The run streams its input (``data.input=stream``: each step's images read and decoded
+then); the in-memory path gives the same batches from any step
+(``test_records.test_streaming_gives_the_cached_batches_and_resumes_exactly``).
+"""
 import json
 import os
 import signal
@@ -19,6 +24,7 @@ def _command(workdir):
           '--config.teacher.finetune.from_pretrained=False',
           f'--config.teacher.finetune.steps={STEPS}', '--config.teacher.finetune.batch_size=8',
           '--config.data.synthetic.num_train=256', '--config.train.log_every=1',
+          '--config.data.input=stream',
           '--config.train.checkpoint_every=1000']  # no periodic checkpoint: only the signal's
 
 
