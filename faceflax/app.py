@@ -24,6 +24,24 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+def with_tfds_data(config):
+  """``config`` reading ``data.tfds`` (README "Data at scale"): ``data.dir`` becomes the
+  dataset's record index (written by process 0 on first use), which every task reads."""
+  name = config.data.get('tfds', '')
+  if not name:
+    return config
+  from faceflax import distributed  # pylint: disable=g-import-not-at-top
+  from faceflax.data import records  # pylint: disable=g-import-not-at-top
+  if config.data.get('dir'):  # e.g. a preset's development folder
+    logging.warning('data.tfds=%s replaces data.dir=%s', name, config.data.dir)
+  store = distributed.process_zero_first(
+      lambda: str(records.tfds_store(name, config.data.get('tfds_data_dir', ''))), 'tfds_index')
+  config = config.copy_and_resolve_references()
+  config.data.dir = store
+  logging.info('data.tfds=%s: reading %s', name, store)
+  return config
+
+
 def run(config, workdir: str, mode: str = 'train', input_path: str = '', output: str = '',
         align: str = 'auto'):
   """``input_path``, ``output``, ``align``: --mode=predict / verify (README "Use a trained model")."""
@@ -51,6 +69,7 @@ def run(config, workdir: str, mode: str = 'train', input_path: str = '', output:
                workdir, jax.device_count(), jax.devices()[0].platform, jax.process_count())
   logging.info('config:\n%s', config)
   with bad_data.policy(skip=config.data.get('skip_bad', False)):
+    config = with_tfds_data(config)
     if mode == 'train':
       if hasattr(task, 'check_data'):  # every split read now: bad data fails before training
         task.check_data(config, workdir)

@@ -3,6 +3,7 @@
 Fixtures are tiny generated images in each official layout, never real faces.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -224,5 +225,102 @@ def test_command_line(tmp_path):
   _fer_csv(tmp_path / 'manual' / 'fer2013' / 'fer2013.csv',
            [(3, np.zeros((48, 48), np.uint8), usage) for usage in fer2013.SPLITS.values()])
   command_line.main(['fer2013', f'--data_dir={tmp_path}', f'--manual_dir={tmp_path / "manual"}'])
-  dataset = tfds.load('fer2013', split='val', data_dir=str(tmp_path), download=False)
+  # array_record by default (training reads records by index): a random-access source.
+  source = tfds.data_source('fer2013', split='val', data_dir=str(tmp_path), download=False)
+  assert [row['line'] for row in source] == [3]
+  command_line.main(['fer2013', f'--data_dir={tmp_path / "tf"}', '--file_format=tfrecord',
+                     f'--manual_dir={tmp_path / "manual"}'])
+  dataset = tfds.load('fer2013', split='val', data_dir=str(tmp_path / 'tf'), download=False)
   assert [row['line'] for row in tfds.as_numpy(dataset)] == [3]
+
+
+# ----------------------------------------------------------------------------- training
+
+def _scut_release(root, n=40):
+  """SCUT-FBP5500's layout with ``n`` faces: 60/40 split, scores 1..5."""
+  names = [f'{"AF" if i % 2 else "CM"}{i}' for i in range(n)]
+  for name in names:
+    _write_jpeg(root / 'Images' / f'{name}.jpg', size=(24, 24))
+  split = root / 'train_test_files' / 'split_of_60%training and 40%testing'
+  split.mkdir(parents=True)
+  cut = n * 6 // 10
+  for part, chosen in (('train', names[:cut]), ('test', names[cut:])):
+    (split / f'{part}.txt').write_text(''.join(
+        f'{m}.jpg {1 + 4 * _RNG.random():.3f}\n' for m in chosen))
+
+
+def _utkface_release(root, n=60):
+  for age in range(1, n + 1):
+    _write_jpeg(root / f'{age}_{age % 2}_{age % 5}_20170109{age:04d}.jpg.chip.jpg', size=(24, 24))
+
+
+def _celeba_release(root, num_ids=8, per_id=5):
+  names = [f'{i:06d}.jpg' for i in range(1, num_ids * per_id + 1)]
+  for name in names:
+    _write_jpeg(root / 'Img' / 'img_align_celeba' / name, size=(24, 24))
+  (root / 'Anno').mkdir()
+  values = _RNG.choice([-1, 1], (len(names), len(celeba.ATTRIBUTES)))
+  (root / 'Anno' / 'list_attr_celeba.txt').write_text('\n'.join(
+      [str(len(names)), ' '.join(celeba.ATTRIBUTES)]
+      + [f'{n} ' + ' '.join(f'{v:2d}' for v in row) for n, row in zip(names, values)]) + '\n')
+  (root / 'Anno' / 'identity_CelebA.txt').write_text(
+      ''.join(f'{n} {100 + i // per_id}\n' for i, n in enumerate(names)))
+  (root / 'Eval').mkdir()
+  partition = [0 if i < (num_ids - 2) * per_id else 1 if i < (num_ids - 1) * per_id else 2
+               for i in range(len(names))]  # the last two identities: val, test
+  (root / 'Eval' / 'list_eval_partition.txt').write_text(
+      ''.join(f'{n} {p}\n' for n, p in zip(names, partition)))
+
+
+# task: (builder, release writer, TFDS name, overrides of the task's test preset)
+TRAIN_CASES = {
+    'fbp_kd': (builders.scut_fbp5500.ScutFbp5500, _scut_release, 'scut_fbp5500/60_40',
+               {'stages': 'teacher_finetune,student_kd,evaluate', 'data.eval_split': 'test',
+                'teacher.finetune.from_pretrained': False, 'student.kd.from_pretrained': False}),
+    'age_mtmsa': (builders.utkface.Utkface, _utkface_release, 'utkface',
+                  {'stages': 'train,evaluate'}),
+    'lqfr_kd': (builders.celeba.Celeba, _celeba_release, 'celeba', {'stages': 'teacher'}),
+}
+
+
+@pytest.mark.parametrize('task', sorted(TRAIN_CASES))
+def test_task_trains_from_a_tfds_dataset(task, tmp_path):
+  """``--config.data.tfds=NAME``: the task's test preset reads the TFDS build directly."""
+  from faceflax import app  # pylint: disable=g-import-not-at-top
+  from faceflax.data import records  # pylint: disable=g-import-not-at-top
+  from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
+  builder_cls, write_release, name, overrides = TRAIN_CASES[task]
+  write_release(tmp_path / 'release')
+  config_name = name.split('/')[1] if '/' in name else None
+  builder = builder_cls(data_dir=str(tmp_path / 'tfds'), config=config_name)
+  builder.download_and_prepare(file_format='array_record', download_config=(
+      tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'release'))))
+  config = configs_for_tests.load(task, 'test')
+  config.data.dir, config.data.tfds = '', name
+  config.data.tfds_data_dir = str(tmp_path / 'tfds')
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  results = app.run(config, str(tmp_path / 'work'))
+  index = Path(builder.data_dir) / records.INDEX_FOLDER
+  assert records.is_store(index)  # indexed once, beside the dataset
+  stage = config.stages.split(',')[0]
+  rows = [json.loads(l) for l in (tmp_path / 'work' / stage / 'metrics.jsonl').open()]
+  assert rows and all(np.isfinite(r['loss']) for r in rows)
+  if task == 'fbp_kd':
+    assert results['teacher']['n'] == 16  # every test face of the 60/40 split once
+  if task == 'age_mtmsa':
+    assert results['age']['n'] == builder.info.splits['val'].num_examples
+
+
+def test_tfds_built_as_tfrecord_is_refused_by_name(tmp_path):
+  from faceflax.data import records  # pylint: disable=g-import-not-at-top
+  _utkface_release(tmp_path / 'release', n=30)
+  _build(builders.utkface.Utkface, tmp_path / 'release', tmp_path / 'tfds')  # tfrecord
+  with pytest.raises(DataError, match='stored as tfrecord.*--file_format=array_record'):
+    records.tfds_store('utkface', str(tmp_path / 'tfds'))
+  with pytest.raises(DataError, match="data.tfds='fer2013' is not built in"):
+    records.tfds_store('fer2013', str(tmp_path / 'tfds'))

@@ -10,8 +10,10 @@ A store is what training streams from when a split is too big to decode into mem
                          and 'row' (its labels.csv row)
   images-00000-of-00004.array_record   the encoded image bytes, as the source had them
 
-Two backends hold the bytes: ``array_record`` shards written by ``prepare_folder``
-(the format TFDS and Grain read), and ``recordio``: an insightface pack's own
+Three backends hold the bytes: ``array_record`` shards written by ``prepare_folder``
+(the format TFDS and Grain read); ``tfds``: the array_record shards of a TFDS dataset,
+read in place, each record a serialized tf.train.Example whose 'image' feature holds
+the encoded image (``index_tfds``); and ``recordio``: an insightface pack's own
 ``train.rec`` (MXNet RecordIO), read in place at the offsets its ``train.idx`` gives,
 so the 494k CASIA-WebFace faces are not copied (``prepare_insightface``).
 
@@ -42,7 +44,7 @@ MANIFEST = 'manifest.json'
 FORMAT = 'faceflax-records'
 VERSION = 1
 SHARD_PATTERN = 'images-{:05d}-of-{:05d}.array_record'
-INSIGHTFACE_INDEX = 'faceflax_records'  # the store of a pack, inside the pack's folder
+INDEX_FOLDER = 'faceflax_records'  # the store of a pack or TFDS dataset, inside its folder
 # ArrayRecord groups records into chunks; one record per chunk makes a random read
 # decompress only that record (the setting TFDS and Grain use for random access).
 _WRITER_OPTIONS = 'group_size:1'
@@ -121,7 +123,7 @@ class RecordStore:
     if self.backend == 'recordio':
       _check_unchanged(self._path(self.manifest['index']['path']), self.manifest['index'],
                        self.manifest_path)
-    elif self.backend == 'array_record':
+    elif self.backend in ('array_record', 'tfds'):
       counts = np.asarray([s['num_records'] for s in self.manifest['shards']], np.int64)
       if counts.sum() != self.num_records:
         raise DataError(f'{self.manifest_path}: shards hold {counts.sum()} records, the '
@@ -136,7 +138,7 @@ class RecordStore:
         raise DataError(f'{csv_path} changed after the store {self.root} was prepared from '
                         'it (the manifest is older than its data); prepare it again')
     for name in self.manifest['columns']:
-      path = self.root / 'columns' / f'{name}.npy'
+      path = _column_path(self.root, name)
       try:
         column = np.load(path, mmap_mode='r', allow_pickle=False)
       except (OSError, ValueError) as e:
@@ -161,7 +163,7 @@ class RecordStore:
     if name not in self._columns:
       if name not in self.manifest['columns']:
         raise DataError(f'{self.root}: no column {name!r} (columns: {self.column_names})')
-      self._columns[name] = np.load(self.root / 'columns' / f'{name}.npy', mmap_mode='r')
+      self._columns[name] = np.load(_column_path(self.root, name), mmap_mode='r')
     return self._columns[name]
 
   def describe(self, index) -> str:
@@ -188,6 +190,9 @@ class RecordStore:
       local = (indices[where] - self._starts[shard]).tolist()
       for i, data in zip(where, self._reader(shard).read(local)):
         out[i] = data
+    if self.backend == 'tfds':
+      out = [_example_image(data, lambda i=i: self.describe(int(indices[i])))
+             for i, data in enumerate(out)]
     return out
 
   def _reader(self, shard):
@@ -344,6 +349,10 @@ def _screen_bytes(fetch, names, where, threads=4) -> np.ndarray:
   return bad_data.screen(where, 'unreadable image(s)', names, whys)
 
 
+def _column_path(root, name) -> Path:
+  return Path(root) / 'columns' / f'{name.replace("/", ".")}.npy'  # TFDS: 'attributes/Smiling'
+
+
 def _write_columns(out, columns: dict) -> dict:
   (out / 'columns').mkdir(parents=True, exist_ok=True)
   dtypes = {}
@@ -351,7 +360,7 @@ def _write_columns(out, columns: dict) -> dict:
     values = np.asarray(values)
     if values.dtype == object:
       values = values.astype(str)
-    np.save(out / 'columns' / f'{name}.npy', values, allow_pickle=False)
+    np.save(_column_path(out, name), values, allow_pickle=False)
     dtypes[name] = values.dtype.str
   return dtypes
 
@@ -440,7 +449,7 @@ def prepare_insightface(pack, out=None) -> Path:
   for path in (rec_path, idx_path):
     if not path.is_file():
       raise DataError(f'{path}: no such file (an insightface pack has train.rec and train.idx)')
-  out = _empty_out(out or pack / INSIGHTFACE_INDEX)
+  out = _empty_out(out or pack / INDEX_FOLDER)
   rec_size = rec_path.stat().st_size
   keys, offsets = _read_idx(idx_path, rec_size)
   fd = os.open(rec_path, os.O_RDONLY)
@@ -478,15 +487,115 @@ def prepare_insightface(pack, out=None) -> Path:
   return out
 
 
+# ----------------------------------------------------------------------------- TFDS
+
+def _example_image(serialized: bytes, where) -> bytes:
+  """The encoded 'image' of a TFDS record (a serialized tf.train.Example)."""
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  try:
+    feature = example_pb2.Example.FromString(serialized).features.feature['image']
+    return feature.bytes_list.value[0]
+  except Exception as e:  # pylint: disable=broad-except  # DecodeError, IndexError
+    raise DataError(f'{where()}: not a TFDS example with an encoded image ({e})') from None
+
+
+def _example_values(serialized: bytes) -> dict:
+  """Every feature of a TFDS record but the image: numbers, or text (utf-8)."""
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  values = {}
+  for key, feature in example_pb2.Example.FromString(serialized).features.feature.items():
+    if key == 'image':
+      continue
+    kind = feature.WhichOneof('kind')
+    items = list(getattr(feature, kind).value) if kind else []
+    if len(items) != 1:  # sequences and empty features are no per-example label
+      continue
+    values[key] = items[0].decode('utf-8') if kind == 'bytes_list' else items[0]
+  return values
+
+
+def tfds_builder(name: str, data_dir: str):
+  """The prepared TFDS builder ``name`` ('scut_fbp5500/cv1', ...) of ``data_dir``."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import faceflax.data.tfds  # pylint: disable=g-import-not-at-top,unused-import  # registers ours
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception as e:  # pylint: disable=broad-except  # DatasetNotFoundError, config errors
+    raise DataError(f'data.tfds={name!r}: {e}') from None
+  if not builder.is_prepared():
+    raise DataError(f'data.tfds={name!r} is not built in {builder.data_dir}: run '
+                    f'`python -m faceflax.data.tfds {name.split("/")[0]} --manual_dir=... '
+                    f'--data_dir={data_dir or "~/tensorflow_datasets"}` first')
+  return builder
+
+
+def index_tfds(name: str, data_dir: str = '', out=None) -> Path:
+  """Indexes the TFDS dataset ``name`` (built as array_record) as a store, once.
+
+  Its shards are read in place; the index (every split, in TFDS's order, with a 'split'
+  column and one column per scalar feature) goes to ``out``, by default
+  ``<the dataset's version folder>/faceflax_records``. The images were screened by the
+  faceflax reader that built the dataset. A rebuilt dataset (other shards, sizes or times)
+  makes the index stale: ``open_store`` then says so, and ``tfds_store`` re-indexes.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  builder = tfds_builder(name, data_dir)
+  info = builder.info
+  if str(info.file_format.value) != 'array_record':
+    raise DataError(f'data.tfds={name!r} in {builder.data_dir} is stored as '
+                    f'{info.file_format.value}, which cannot be read by index: rebuild it '
+                    'with --file_format=array_record (the default of python -m faceflax.data.tfds)')
+  out = _empty_out(out or Path(builder.data_dir) / INDEX_FOLDER)
+  shards, rows = [], []
+  for split_name, split in info.splits.items():
+    for path, length in zip(split.filepaths, split.shard_lengths):
+      reader = array_record_module.ArrayRecordReader(str(path))
+      if reader.num_records() != length:
+        raise DataError(f'{path}: {reader.num_records()} records, the dataset info says {length}')
+      for start in range(0, length, 1024):
+        for data in reader.read(list(range(start, min(start + 1024, length)))):
+          rows.append(dict(_example_values(data), split=split_name))
+      reader.close()
+      shards.append({'path': str(path), 'num_records': int(length), **_file_facts(path)})
+  keys = sorted({k for row in rows for k in row} - {'split'})
+  columns = {k: [row.get(k, np.nan) for row in rows] for k in keys}
+  columns['split'] = [row['split'] for row in rows]
+  columns.setdefault('filename', [f'{name}#{i}' for i in range(len(rows))])
+  for key, values in columns.items():  # numbers as float32 (labels), text as str
+    if not any(isinstance(v, str) for v in values):
+      columns[key] = np.asarray(values, np.float32)
+  _write_manifest(out, {
+      'backend': 'tfds', 'num_records': len(rows), 'shards': shards,
+      'columns': _write_columns(out, columns),
+      'source': {'kind': 'tfds', 'name': name, 'dir': str(builder.data_dir)},
+      'screened': {'checked': 'by the faceflax reader that built the TFDS dataset'}})
+  logging.info('indexed %s: %d records in %d shards, in %s', name, len(rows), len(shards), out)
+  return out
+
+
+def tfds_store(name: str, data_dir: str = '') -> Path:
+  """The store of TFDS dataset ``name``: its index, written on first use (or when stale)."""
+  root = Path(tfds_builder(name, data_dir).data_dir) / INDEX_FOLDER
+  if is_store(root):
+    try:
+      RecordStore(root)
+      return root
+    except DataError as e:
+      logging.warning('re-indexing %s: %s', name, e)
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(root)
+  return index_tfds(name, data_dir, root)
+
+
 def open_store(root) -> RecordStore:
   """The store at ``root``, or the one prepared inside an insightface pack at ``root``."""
   root = Path(root).expanduser().absolute()
   if is_store(root):
     return RecordStore(root)
   if is_insightface_pack(root):
-    if is_store(root / INSIGHTFACE_INDEX):
-      return RecordStore(root / INSIGHTFACE_INDEX)
+    if is_store(root / INDEX_FOLDER):
+      return RecordStore(root / INDEX_FOLDER)
     raise DataError(f'{root} is an insightface pack without an index: run '
                     f'`python -m faceflax.data.prepare {root}` once (it reads every record '
-                    f'header and screens every image, then writes {root / INSIGHTFACE_INDEX})')
+                    f'header and screens every image, then writes {root / INDEX_FOLDER})')
   raise DataError(f'{root}: not a record store (no {MANIFEST})')
