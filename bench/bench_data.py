@@ -8,7 +8,7 @@ write), then measures in a fresh process per case, pinned to ``--cores`` CPU cor
 
 - time to the first batch (from the process's start: imports, opening the store,
   building the pipeline; in 'cache' mode also decoding the whole split),
-- peak RSS (ru_maxrss) after the timed batches,
+- peak RSS (VmHWM) after the timed batches,
 - steady images/s (median over windows of batches), and per core,
 
 for the 'paper' presets' train input: ``fbp_kd`` (224 px, random resized crop + flip
@@ -20,7 +20,6 @@ is the in-memory path of before, run where it fits (``--cache_max_gb``). Results
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -55,7 +54,6 @@ def write_store(root, n, pool):
 def child(args):
   """One case in this fresh process: first batch, steady rate, peak RSS."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
   import importlib.util  # pylint: disable=g-import-not-at-top
   from faceflax.data import folder, pipeline  # pylint: disable=g-import-not-at-top
   path, size = CASES[args.task]
@@ -83,7 +81,9 @@ def child(args):
     times.append(now - t)
     t = now
   rate = args.batch_size / float(np.median(times[1:]))
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+  # VmHWM: this process's own peak. (ru_maxrss keeps the parent's peak across fork + exec.)
+  status = open('/proc/self/status').read()  # pylint: disable=consider-using-with
+  rss = int(status.split('VmHWM:')[1].split()[0]) / 2**10
   print(json.dumps({'first_batch_s': first, 'images_per_s': rate,
                     'images_per_s_per_core': rate / args.cores, 'peak_rss_mb': rss,
                     'batches_timed': len(times)}))

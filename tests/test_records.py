@@ -310,3 +310,4 @@ def test_lqfr_trains_from_an_insightface_pack_and_scores_its_bin(tmp_path):
   assert results['data']['num_pairs'] == s.num_pairs
   rows = [json.loads(l) for l in (tmp_path / 'work' / 'teacher' / 'metrics.jsonl').open()]
   assert [r['step'] for r in rows] == [2, 4] and all(np.isfinite(r['loss']) for r in rows)
+

@@ -19,8 +19,10 @@ example with a seed derived from (seed, epoch, example index). Batches therefore
 depend only on (seed, step), identically in both modes, which makes resuming at
 any step exact and cheap: no iterator state is saved (README "Data at scale").
 """
+import atexit
 import dataclasses
 import functools
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -275,6 +277,21 @@ class _EpochOrder:
     return augment
 
 
+_OPEN_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators():
+  """Stops the tf.data iterators still open at exit, while Python can still run their reads.
+
+  An iterator destroyed during interpreter shutdown waits for its in-flight
+  ``numpy_function`` reads, which can no longer take the GIL: the process would hang or
+  abort ('terminate called without an active exception') instead of exiting.
+  """
+  for iterator in list(_OPEN_ITERATORS):
+    iterator.close()
+
+
 class _NamedErrors:
   """Iterator of train batches that names the examples when an image fails to decode.
 
@@ -284,14 +301,21 @@ class _NamedErrors:
 
   def __init__(self, batches, reader: _Reader, order: _EpochOrder, start_step):
     self.batches, self.reader, self.order, self.step = batches, reader, order, start_step
+    _OPEN_ITERATORS.add(self)
 
   def __iter__(self):
     return self
 
+  def close(self):
+    self.batches = None  # the tf.data iterator stops here, not at interpreter shutdown
+
   def __next__(self):
+    if self.batches is None:
+      raise StopIteration
     try:
       batch = next(self.batches)
     except tf.errors.OpError as e:
+      self.close()
       bad = self.reader.find_bad(self.order.positions_of_step(self.step))
       if not bad:
         raise
