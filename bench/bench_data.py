@@ -10,6 +10,7 @@ write), then measures in a fresh process per case, pinned to ``--cores`` CPU cor
   building the pipeline; in 'cache' mode also decoding the whole split),
 - peak RSS (VmHWM) after the timed batches,
 - steady images/s (median over windows of batches), and per core,
+- and, in this process, the cost of a random record read with the page cache dropped,
 
 for the 'paper' presets' train input: ``fbp_kd`` (224 px, random resized crop + flip
 + value range, as the teacher fine-tuning and KD stages read it) and ``lqfr_kd``
@@ -89,6 +90,26 @@ def child(args):
                     'batches_timed': len(times)}))
 
 
+def random_reads(store_dir, reads=2000):
+  """Microseconds per record read at random positions of the store, its pages dropped from
+  the page cache first when this process may (root): what a step's reads cost once the
+  data is bigger than the memory that caches it."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from faceflax.data import records  # pylint: disable=g-import-not-at-top
+  try:
+    with open('/proc/sys/vm/drop_caches', 'w') as f:
+      f.write('3\n')
+    cold = True
+  except OSError:
+    cold = False
+  store = records.RecordStore(store_dir)
+  rng = np.random.default_rng(0)
+  t = time.perf_counter()
+  for _ in range(reads // 64):
+    store.read(rng.integers(0, len(store), 64))
+  return {'us_per_read': (time.perf_counter() - t) / (reads // 64 * 64) * 1e6, 'cold': cold}
+
+
 def run_case(args, store, task, mode):
   cmd = [sys.executable, __file__, '--child', f'--store={store}', f'--task={task}',
          f'--mode={mode}', f'--seconds={args.seconds}', f'--batch_size={args.batch_size}',
@@ -130,6 +151,8 @@ def main():
       print(f'N={n}: wrote the store in {write_s:.1f} s ({jpeg_bytes:.0f} B per JPEG)',
             flush=True)
       results.setdefault('write_s', {})[n] = write_s
+    results.setdefault('random_reads', {})[n] = reads = random_reads(store)
+    print(f'N={n}: random record reads {reads}', flush=True)
     for task in CASES:
       fits = n * CASES[task][1] ** 2 * 3 <= args.cache_max_gb * 2**30
       for mode in ('stream', 'cache') if fits else ('stream',):
