@@ -61,10 +61,6 @@ def get_config(preset: str = ''):
   # when the decoded split is at most cache_max_gb.
   c.data.input = 'auto'
   c.data.cache_max_gb = 2.0
-  # A TFDS dataset instead of data.dir ('scut_fbp5500/cv1', ...; built by
-  # `python -m faceflax.data.tfds`), from tfds_data_dir (default: TFDS's own).
-  c.data.tfds = ''
-  c.data.tfds_data_dir = ''
   c.mesh = dict(data=-1, model=1)
   c.train.seed = c.get_ref('seed')
   c.eval = dict(split='val')  # --mode=eval

@@ -32,6 +32,9 @@ def with_tfds_data(config):
     return config
   from faceflax import distributed  # pylint: disable=g-import-not-at-top
   from faceflax.data import records  # pylint: disable=g-import-not-at-top
+  if 'dir' not in config.data:
+    raise ValueError(f'config.data.tfds={name!r}: task {config.task!r} does not read '
+                     'config.data.dir, so it cannot read a TFDS dataset yet')
   if config.data.get('dir'):  # e.g. a preset's development folder
     logging.warning('data.tfds=%s replaces data.dir=%s', name, config.data.dir)
   store = distributed.process_zero_first(
