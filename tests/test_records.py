@@ -11,6 +11,7 @@ from PIL import Image
 import pytest
 
 from faceflax.data import DataError, bad_data, folder, pipeline, records
+from tests.test_data import _assert_batches_equal as _assert_same
 
 CACHE_PP = 'decode|resize(8)'
 TRAIN_PP = 'random_resized_crop(6)|flip_lr|color_jitter(0.2, 0.2, 0.2)|value_range(-1, 1)'
@@ -43,14 +44,6 @@ def store(source, tmp_path):
 def _batches(images, labels, n, **kwargs):
   kwargs = {'batch_size': 4, 'pp': TRAIN_PP, 'seed': 0, 'cache_pp': CACHE_PP, **kwargs}
   return list(itertools.islice(pipeline.make_train_dataset(images, labels, **kwargs), n))
-
-
-def _assert_same(actual, expected):
-  assert len(actual) == len(expected)
-  for a, e in zip(actual, expected):
-    assert a.keys() == e.keys()
-    for key in a:
-      np.testing.assert_array_equal(a[key], e[key], err_msg=key)
 
 
 def test_store_reads_like_the_folder(source, store):

@@ -89,9 +89,9 @@ def _labels_fingerprint(csv_path) -> dict:
 class RecordStore:
   """An opened store: ``read(indices)`` gives encoded image bytes; ``column(name)`` the labels.
 
-  Readers open lazily and per thread, so a store can be pickled into tf.data's
-  ``numpy_function`` and read from several threads; nothing is held per record except
-  the memory-mapped columns.
+  Readers open lazily and per thread, so tf.data's ``numpy_function`` can read from
+  several threads; nothing is held per record except the memory-mapped columns (and each
+  open ArrayRecord reader's index of its shard).
   """
 
   def __init__(self, root):
@@ -148,12 +148,6 @@ class RecordStore:
 
   def __len__(self):
     return self.num_records
-
-  def __getstate__(self):  # readers and maps reopen in the unpickled copy
-    return {'root': self.root}
-
-  def __setstate__(self, state):
-    self.__init__(state['root'])
 
   @property
   def column_names(self) -> list[str]:
