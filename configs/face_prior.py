@@ -30,7 +30,7 @@ def get_config(preset: str = ''):
 
   c.data = dict(
       root=SHARED,  # relative to the working directory (the project root)
-      datasets='scut_fbp5500,utkface,celeba_id,fer2013',  # folder-format datasets under root
+      datasets='scut_fbp5500,utkface,celeba_id,fer2013',  # folders or stores under root, or tfds:NAME
       train_split='train',  # pretraining reads images (and landmarks) of this split only
       eval_split='val',
       image_size=64,
@@ -61,6 +61,9 @@ def get_config(preset: str = ''):
   # when the decoded split is at most cache_max_gb.
   c.data.input = 'auto'
   c.data.cache_max_gb = 2.0
+  # Dataset entries 'tfds:NAME[/CONFIG]' read a TFDS build (`python -m faceflax.data.tfds`)
+  # from tfds_data_dir (default: TFDS's own) instead of a folder or store under root.
+  c.data.tfds_data_dir = ''
   c.mesh = dict(data=-1, model=1)
   c.train.seed = c.get_ref('seed')
   c.eval = dict(split='val')  # --mode=eval

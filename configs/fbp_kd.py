@@ -30,7 +30,7 @@ def get_config(preset: str = ''):
       protocol='60_40',       # official layout only: '60_40' or 'cv1'..'cv5'
       train_split='train',
       eval_split='val',       # scored at the end of training
-      unlabeled='',           # extra comma-separated image folders for MAE pretraining
+      unlabeled='',           # extra datasets for MAE pretraining (folders, stores, tfds:NAME)
       image_size=64,
       train_pp='random_resized_crop({size}, scale=(0.85, 1.0))|flip_lr|'
                'color_jitter(0.2, 0.2, 0.2)|value_range(-1, 1)',

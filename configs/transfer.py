@@ -41,6 +41,7 @@ Any fbp_kd stage works as a backbone (teacher_pretrain / teacher_finetune store 
 params, student_kd stores them under 'student'; student_pretrain / student_kd fit the default
 model). A workdir holds one backbone's results (W/backbone.json; another backbone there is an
 error), so its finished finetune_<task> stages are never mixed up. Datasets: ``data.root`` + ``data.dirs.<task>``
+(a folder or record store; `tfds:NAME` reads a TFDS build from ``data.tfds_data_dir``)
 (an absolute ``data.dirs.<task>`` is used as is); ``data.max_train`` / ``data.max_val`` > 0
 take a fixed random subset of each split (quick looks only: the table uses every row).
 """
@@ -99,6 +100,9 @@ def get_config(preset: str = ''):
   # when the decoded split is at most cache_max_gb.
   c.data.input = 'auto'
   c.data.cache_max_gb = 2.0
+  # Dataset entries 'tfds:NAME[/CONFIG]' read a TFDS build (`python -m faceflax.data.tfds`)
+  # from tfds_data_dir (default: TFDS's own) instead of a folder or store under root.
+  c.data.tfds_data_dir = ''
   c.mesh = dict(data=-1, model=1)
   c.train.seed = c.get_ref('seed')
 

@@ -30,15 +30,14 @@ def with_tfds_data(config):
   name = config.data.get('tfds', '')
   if not name:
     return config
-  from faceflax import distributed  # pylint: disable=g-import-not-at-top
   from faceflax.data import records  # pylint: disable=g-import-not-at-top
   if 'dir' not in config.data:
-    raise ValueError(f'config.data.tfds={name!r}: task {config.task!r} does not read '
-                     'config.data.dir, so it cannot read a TFDS dataset yet')
+    raise ValueError(f'config.data.tfds={name!r}: task {config.task!r} has no data.dir; '
+                     f'name TFDS datasets as {records.TFDS_PREFIX}NAME in its dataset '
+                     'entries instead (README "Data at scale")')
   if config.data.get('dir'):  # e.g. a preset's development folder
     logging.warning('data.tfds=%s replaces data.dir=%s', name, config.data.dir)
-  store = distributed.process_zero_first(
-      lambda: str(records.tfds_store(name, config.data.get('tfds_data_dir', ''))), 'tfds_index')
+  store = records.shared_tfds_store(name, config.data.get('tfds_data_dir', ''))
   config = config.copy_and_resolve_references()
   config.data.dir = store
   logging.info('data.tfds=%s: reading %s', name, store)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from faceflax import app, losses
-from faceflax.data import face_regions, synthetic
+from faceflax.data import face_regions, folder, records, synthetic
 from faceflax.models import mae
 from faceflax.tasks import face_prior
 from tests import configs_for_tests
@@ -119,6 +119,25 @@ def test_a_task_switched_off_has_no_term(data_root, tmp_path, off):
   assert off not in terms and np.isfinite(loss)
   expected = sum(config.prior[f'{t}_weight'] * terms[t] for t in face_prior.TERMS if t in terms)
   assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_store_reads_like_its_folder_landmarks_included(data_root, tmp_path):
+  """A store prepared from a folder with landmarks86.npy keeps them (a column): the same face
+  shapes, and the job's batches equal those read from the folder."""
+  store = records.prepare_folder(data_root / 'lm', tmp_path / 'lm_store')
+  for split in ('train', 'val'):
+    np.testing.assert_array_equal(
+        face_regions.load_face_shapes(store, folder.read_folder(store, split)),
+        face_regions.load_face_shapes(data_root / 'lm', folder.read_folder(data_root / 'lm', split)))
+  from_store = _config(data_root)
+  from_store.data.datasets = f'{store},plain'
+  batches = [face_prior.Job(c, str(tmp_path / name)).stage('pretrain').batches(start_step=3)
+             for c, name in ((_config(data_root), 'a'), (from_store, 'b'))]
+  for _ in range(2):
+    want, got = next(batches[0]), next(batches[1])
+    assert want.keys() == got.keys()
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key], err_msg=key)
 
 
 def test_bad_configs_are_refused_before_training(data_root, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from faceflax.data import DataError, bad_data, folder, pipeline, records
+from faceflax.data import DataError, bad_data, folder, pipeline, records, sources
 from tests.test_data import _assert_batches_equal as _assert_same
 
 CACHE_PP = 'decode|resize(8)'
@@ -114,6 +114,29 @@ def test_eval_over_a_store_in_order(source, store):
 
 
 # ----------------------------------------------------------------------------- bad input
+
+def test_stores_and_folders_read_as_one_sequence(source, store, tmp_path):
+  """A store among pretraining's unlabeled datasets (fbp_kd data.unlabeled, face_prior
+  data.datasets) joins the folders' images: the same bytes in the same order, so the same
+  batches as when every dataset is a folder."""
+  plain = tmp_path / 'plain'
+  plain.mkdir()
+  for i in range(5):
+    (plain / f'p{i}.jpg').write_bytes(_jpeg(100 + 9 * i))
+  ref = sources.list_unlabeled_images([source, plain])
+  mixed = sources.list_unlabeled_images([store, plain])
+  assert isinstance(ref, tuple) and isinstance(mixed, pipeline.ConcatImages)
+  assert len(mixed) == len(ref) == 24 + 5  # the train split of each, every plain image
+  order = np.random.default_rng(0).permutation(len(ref))
+  assert mixed.read(order) == [Path(ref[i]).read_bytes() for i in order]
+  assert mixed.describe(25) == str(plain / 'p1.jpg') and 'store record' in mixed.describe(3)
+  head = pipeline.head(mixed, 26)
+  assert head.read(np.arange(26)) == [Path(p).read_bytes() for p in ref[:26]]
+  labels = {'position': np.arange(len(ref))}
+  want = _batches(ref, labels, 9, mode='cache')  # 7 steps per epoch
+  for mode in ('stream', 'cache'):
+    _assert_same(_batches(mixed, labels, 9, mode=mode), want)
+
 
 def test_truncated_shard_is_named(store):
   shard = store / records.SHARD_PATTERN.format(1, 5)

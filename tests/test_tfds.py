@@ -321,6 +321,55 @@ def test_task_trains_from_a_tfds_dataset(task, tmp_path):
     assert results['age']['n'] == builder.info.splits['val'].num_examples
 
 
+def _utkface_build(tmp_path, n=60):
+  _utkface_release(tmp_path / 'release', n)
+  builder = builders.utkface.Utkface(data_dir=str(tmp_path / 'tfds'))
+  builder.download_and_prepare(file_format='array_record', download_config=(
+      tfds.download.DownloadConfig(manual_dir=str(tmp_path / 'release'))))
+  return builder
+
+
+def test_face_prior_trains_from_a_tfds_build_and_a_store(tmp_path):
+  """face_prior's data.datasets mixes 'tfds:NAME' entries and record stores."""
+  import csv  # pylint: disable=g-import-not-at-top
+  from faceflax import app  # pylint: disable=g-import-not-at-top
+  from faceflax.data import records, synthetic  # pylint: disable=g-import-not-at-top
+  from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
+  builder = _utkface_build(tmp_path)
+  folder = tmp_path / 'faces'
+  (folder / 'images').mkdir(parents=True)
+  faces, _ = synthetic.make_faces(24, size=24, seed=0)
+  rows = [('filename', 'split')]
+  for i, face in enumerate(faces):
+    Image.fromarray(face).save(folder / 'images' / f'{i:02d}.png')
+    rows.append((f'{i:02d}.png', 'train' if i < 16 else 'val'))
+  with open(folder / 'labels.csv', 'w', newline='') as f:
+    csv.writer(f).writerows(rows)
+  store = records.prepare_folder(folder, tmp_path / 'store')
+  config = configs_for_tests.load('face_prior', 'test')
+  config.data.update(datasets=f'tfds:utkface,{store}', tfds_data_dir=str(tmp_path / 'tfds'))
+  config.eval_batch_size = 8  # 5 + 8 val faces
+  results = app.run(config, str(tmp_path / 'work'))
+  val = results['val']
+  assert val['n'] + val['n_left_out'] == builder.info.splits['val'].num_examples + 8
+  assert all(np.isfinite(val[t]) for t in ('pixel', 'patch', 'component'))
+
+
+def test_transfer_trains_from_a_tfds_build(tmp_path):
+  """transfer's data.dirs.<task> = 'tfds:NAME': the probe and the fine-tuning read the build."""
+  from faceflax import app  # pylint: disable=g-import-not-at-top
+  from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
+  builder = _utkface_build(tmp_path)
+  config = configs_for_tests.load('transfer', 'test')
+  config.update(tasks='age', protocols='linear,finetune')
+  config.data.dirs.age = 'tfds:utkface'
+  config.data.tfds_data_dir = str(tmp_path / 'tfds')
+  results = app.run(config, str(tmp_path / 'work'))
+  for protocol in ('linear', 'finetune'):
+    assert results['age'][protocol]['n_val'] == builder.info.splits['val'].num_examples
+    assert np.isfinite(results['age'][protocol]['mae'])
+
+
 def test_tfds_built_as_tfrecord_is_refused_by_name(tmp_path):
   from faceflax.data import records  # pylint: disable=g-import-not-at-top
   _utkface_release(tmp_path / 'release', n=30)

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from faceflax.data import face_regions
+from faceflax.data import face_regions, records
 
 CHIP_SIZE = 112  # the side of the shared datasets' chips (and of the ArcFace template)
 BOX_WIDTH = 2.62        # Haar face box width / eye distance
@@ -43,7 +43,10 @@ _MIN_SIDE, _MAX_SIDE, _PAD = 250, 800, 0.25
 
 
 def folder_name(dataset: str) -> str:
-  """A dataset's folder name (a path or a name; '' for none): what picks its template."""
+  """A dataset's folder name (a path or a name; '' for none): what picks its template.
+  A record store is named by the dataset it was made from."""
+  if dataset and records.is_store(dataset):
+    return records.source_name(dataset)
   return os.path.basename(os.path.normpath(dataset)) if dataset else ''
 
 

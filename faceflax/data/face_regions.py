@@ -19,6 +19,7 @@ current image size into features['regions'] [H, W, R]; put it before any
 geometric op, which then moves the map with the image.
 """
 
+import io
 import os
 from pathlib import Path
 
@@ -172,58 +173,89 @@ def shapes_from_template(template=ARCFACE_TEMPLATE):
   return _with_regions(np.asarray(ellipses))
 
 
+def _square_side(name, data: bytes) -> int:
+  with Image.open(io.BytesIO(data)) as image:
+    width, height = image.size
+  if width != height:
+    raise DataError(f'{name}: landmarks need square images or an explicit image_size, '
+                    f'got {width}x{height}')
+  return width
+
+
+def _usable_shapes(landmarks, has_landmarks, image_size, where) -> np.ndarray:
+  """Shapes [N, S, 6] of every row's 86 landmarks, NaN where unusable."""
+  landmarks = np.asarray(landmarks, np.float64)
+  if landmarks.shape[1:] != (86, 2):
+    raise DataError(f'{where}: expected [rows, 86, 2] landmarks, got {landmarks.shape}')
+  valid = np.isfinite(landmarks).all((1, 2)) & np.abs(landmarks).any((1, 2))
+  if has_landmarks is not None:
+    valid &= np.asarray(has_landmarks) != 0
+  shapes = shapes_from_landmarks86(np.where(valid[:, None, None], landmarks, 0), image_size)
+  valid &= is_plausible(shapes)
+  return np.where(valid[:, None, None], shapes, np.nan)
+
+
 def _landmark_rows(data_dir, image_size):
   """(real image path -> labels.csv row, shapes [N, S, 6], NaN where unusable)."""
   everything = read_folder(data_dir, check_files=False)
   path = Path(data_dir) / 'landmarks86.npy'
-  landmarks = load_array(path).astype(np.float64)
-  if landmarks.shape[1:] != (86, 2):
-    raise DataError(f'{path}: expected [rows, 86, 2] landmarks, got {landmarks.shape}')
+  landmarks = load_array(path)
   if len(landmarks) != len(everything):
     raise DataError(f'{path}: {len(landmarks)} landmark rows but labels.csv has '
                     f'{len(everything)} rows')
-  valid = np.isfinite(landmarks).all((1, 2)) & np.abs(landmarks).any((1, 2))
-  if 'has_landmarks' in everything.labels:
-    valid &= everything.labels['has_landmarks'] != 0
-  landmarks = np.where(valid[:, None, None], landmarks, 0)
   if image_size is None:
-    with Image.open(everything.paths[0]) as image:
-      width, height = image.size
-    if width != height:
-      raise DataError(f'{everything.paths[0]}: landmarks need square images or an '
-                      f'explicit image_size, got {width}x{height}')
-    image_size = width
-  shapes = shapes_from_landmarks86(landmarks, image_size)
-  valid &= is_plausible(shapes)
+    image_size = _square_side(everything.paths[0], Path(everything.paths[0]).read_bytes())
+  shapes = _usable_shapes(landmarks, everything.labels.get('has_landmarks'), image_size, path)
   index = {os.path.realpath(p): i for i, p in enumerate(everything.paths)}
-  return index, np.where(valid[:, None, None], shapes, np.nan)
+  return index, shapes
+
+
+def _store_shapes(examples: Examples, template, image_size) -> np.ndarray:
+  """``load_face_shapes`` of a record store's examples: its 'landmarks86' column (written by
+  ``prepare`` from the folder's landmarks86.npy), rows by store index."""
+  store = examples.store
+  if 'landmarks86' not in store.manifest['columns']:
+    return np.tile(shapes_from_template(template), (len(examples), 1, 1))
+  if image_size is None:
+    image_size = _square_side(store.describe(0), store.read([0])[0])
+  has = store.column('has_landmarks') if 'has_landmarks' in store.column_names else None
+  shapes = _usable_shapes(store.column('landmarks86'), has, image_size,
+                          f'{store.root} column landmarks86')
+  return _with_fallback(shapes, shapes[examples.rows], template)
+
+
+def _with_fallback(shapes, picked, template) -> np.ndarray:
+  """``picked`` rows of ``shapes`` with unusable ones replaced by the dataset's median."""
+  usable = ~np.isnan(shapes).any(axis=(1, 2))
+  fallback = (np.median(shapes[usable], axis=0) if usable.any()
+              else shapes_from_template(template))
+  return np.where(np.isnan(picked), fallback, picked).astype(np.float32)
 
 
 def load_face_shapes(data_dir, examples: Examples, template=ARCFACE_TEMPLATE,
                      image_size=None):
-  """Shapes [len(examples), S, 6] of a folder-format dataset's examples.
+  """Shapes [len(examples), S, 6] of a folder-format dataset's (or record store's) examples.
 
   Rows come from `<data_dir>/landmarks86.npy` when it exists (matched to
-  labels.csv rows by image path, since `examples` may be a split); rows without
+  labels.csv rows by image path, since `examples` may be a split; a store
+  prepared from such a folder holds them as its 'landmarks86' column); rows without
   usable landmarks (has_landmarks=0, all zero, non-finite or not `is_plausible`)
   get the dataset's median landmark shapes (its own framing of the face), and
   datasets without the file get `shapes_from_template(template)`.
   `image_size` is the side of the landmarks' pixel frame; by default that of
   the first image, which must be square.
   """
+  if examples.store is not None:
+    return _store_shapes(examples, template, image_size)
   if not (Path(data_dir) / 'landmarks86.npy').is_file():
     return np.tile(shapes_from_template(template), (len(examples), 1, 1))
   index, shapes = _landmark_rows(data_dir, image_size)
-  usable = ~np.isnan(shapes).any(axis=(1, 2))
-  fallback = (np.median(shapes[usable], axis=0) if usable.any()
-              else shapes_from_template(template))
   rows = [index.get(os.path.realpath(p)) for p in examples.paths]
   missing = [p for p, row in zip(examples.paths, rows) if row is None]
   if missing:
     raise DataError(f'{Path(data_dir) / "labels.csv"}: {len(missing)} example(s) not '
                     f'listed, e.g. {missing[0]}')
-  picked = shapes[np.asarray(rows, np.int64).reshape(-1)]
-  return np.where(np.isnan(picked), fallback, picked).astype(np.float32)
+  return _with_fallback(shapes, shapes[np.asarray(rows, np.int64).reshape(-1)], template)
 
 
 def _pixel_labels(shapes, height, width, contour_width, xp):

@@ -247,7 +247,9 @@ def read_store(root, split=None, *, label_columns=()) -> Examples:
       if not len(keep):
         raise DataError(f'{where}: no records with split {split!r}; available splits: '
                         f'{sorted(np.unique(column).tolist())}')
-  labels = {c: np.asarray(store.column(c)[keep]) for c in names if c not in ('filename', 'row')}
+  # Per-row arrays (landmarks, embeddings) stay in the store: read where needed.
+  labels = {c: np.asarray(store.column(c)[keep]) for c in names
+            if c not in ('filename', 'row') and store.column(c).ndim == 1}
   for c in label_columns:
     labels[c] = labels[c].astype(np.float32)
   examples = Examples(Path(root).name, records.RecordNames(store, keep), labels, keep, store)

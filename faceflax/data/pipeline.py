@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from faceflax import progress as progress_lib
-from faceflax.data import images as images_lib, ops, records
+from faceflax.data import images as images_lib, ops
 from faceflax.data.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -46,7 +46,7 @@ def validate_images(paths):
   since dropping rows here would misalign predictions with their labels. A
   store's records were screened when it was prepared.
   """
-  if not isinstance(paths, (records.RecordImages, EncodedImages)):
+  if _from_files(paths):
     images_lib.screen(paths, 'input pipeline', skippable=False, colour_set=False)
 
 
@@ -96,14 +96,87 @@ class EncodedImages:
   def __len__(self):
     return len(self.data)
 
+  def read(self, positions) -> list[bytes]:
+    return list(np.asarray(self.data, dtype=object)[np.asarray(positions, np.int64)])
 
-def _image_source(images):
-  """(numpy column read per chunk, whether it holds paths to read) of ``images``."""
-  if isinstance(images, records.RecordImages):
-    return images.indices, False
-  if isinstance(images, EncodedImages):
-    return np.asarray(images.data, dtype=object), False
-  return np.asarray([str(p) for p in images]), True
+  def describe(self, position) -> str:
+    return f'{self.name} image {position}'
+
+  def take(self, positions) -> 'EncodedImages':
+    return EncodedImages(np.asarray(self.data, dtype=object)[positions], self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileImages:
+  """Image files read as bytes by position: a folder's part of a ``ConcatImages``."""
+  paths: tuple
+
+  def __len__(self):
+    return len(self.paths)
+
+  def read(self, positions) -> list[bytes]:
+    out = []
+    for p in np.asarray(positions, np.int64).reshape(-1):
+      with open(self.paths[p], 'rb') as f:
+        out.append(f.read())
+    return out
+
+  def describe(self, position) -> str:
+    return str(self.paths[position])
+
+  def take(self, positions) -> 'FileImages':
+    return FileImages(tuple(np.asarray(self.paths, dtype=object)[positions]))
+
+
+class ConcatImages:
+  """Several image sources (paths, stores' records, bytes) read as one, in order: e.g.
+  the datasets of face-prior pretraining when one of them is a record store."""
+
+  def __init__(self, parts):
+    self.parts = [p if hasattr(p, 'read') else FileImages(tuple(map(str, p))) for p in parts]
+    self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self):
+    return int(self.starts[-1])
+
+  def _locate(self, positions):
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    return positions, np.searchsorted(self.starts, positions, side='right') - 1
+
+  def read(self, positions) -> list[bytes]:
+    positions, part_of = self._locate(positions)
+    out = [b''] * len(positions)
+    for part in np.unique(part_of):
+      where = np.flatnonzero(part_of == part)
+      for i, data in zip(where, self.parts[part].read(positions[where] - self.starts[part])):
+        out[i] = data
+    return out
+
+  def describe(self, position) -> str:
+    _, (part,) = self._locate([position])
+    return self.parts[part].describe(int(position - self.starts[part]))
+
+  def take(self, positions) -> 'ConcatImages':
+    positions, part_of = self._locate(positions)
+    if np.any(np.diff(part_of) < 0):
+      raise ValueError('ConcatImages.take needs positions in order')
+    return ConcatImages([self.parts[k].take(positions[part_of == k] - self.starts[k])
+                         for k in np.unique(part_of)])
+
+
+def join_images(parts, drop_repeats=False):
+  """One sequence of several image sequences, in order: paths stay paths (read by tf.data;
+  with ``drop_repeats`` a path listed twice is kept once), a byte source among them makes
+  a ``ConcatImages``."""
+  if not any(hasattr(p, 'read') for p in parts):
+    paths = [str(path) for part in parts for path in part]
+    return tuple(dict.fromkeys(paths) if drop_repeats else paths)
+  return ConcatImages(parts)
+
+
+def _from_files(images) -> bool:
+  """Whether ``images`` are paths (read by tf.data) rather than a byte source with ``read``."""
+  return not hasattr(images, 'read')
 
 
 def _label_columns(labels, num_examples):
@@ -139,15 +212,16 @@ class _Reader:
       raise DataError('no examples selected')
     self.images = images
     self.num_examples = len(images)
-    self.column, self.from_files = _image_source(images)
+    self.from_files = _from_files(images)
+    if self.from_files:
+      self.paths = np.asarray([str(p) for p in images])
     self.labels = _label_columns(labels, self.num_examples)
-    self.store = images.store if isinstance(images, records.RecordImages) else None
 
   def _gather(self, positions):
-    if self.store is None:  # paths (read by tf.data) or bytes
-      image = self.column[positions]
+    if self.from_files:  # tf.data reads the files
+      image = self.paths[positions]
     else:
-      image = np.asarray(self.store.read(self.column[positions]), dtype=object)
+      image = np.asarray(self.images.read(positions), dtype=object)
     return [image] + [self.labels[k][positions] for k in self.labels]
 
   def chunk_fn(self):
@@ -166,10 +240,8 @@ class _Reader:
 
   def describe(self, position) -> str:
     if self.from_files:
-      return str(self.column[position])
-    if self.store is None:
-      return f'{self.images.name} image {position}'
-    return self.store.describe(int(self.column[position]))
+      return str(self.paths[position])
+    return self.images.describe(position)
 
   def find_bad(self, positions) -> list[str]:
     """'where: why' of each example at ``positions`` whose image does not decode."""
@@ -178,10 +250,10 @@ class _Reader:
       p = int(p)
       try:
         if self.from_files:
-          with open(self.column[p], 'rb') as f:
+          with open(self.paths[p], 'rb') as f:
             data = f.read()
         else:
-          data = self.column[p] if self.store is None else self.store.read([self.column[p]])[0]
+          data = self.images.read([p])[0]
         why = images_lib.bytes_problem(data)
       except (OSError, DataError) as e:
         why = str(e)
@@ -330,7 +402,8 @@ def make_train_dataset(images, labels, *, batch_size, pp, seed, start_step=0,
                        validate=True, mode='auto', cache_max_gb=2.0):
   """Infinite iterator of this process's share of each global training batch.
 
-  ``images``: file paths or ``records.RecordImages``; ``labels``: {name: [N, ...]}.
+  ``images``: file paths or a byte source (``records.RecordImages``, ``ConcatImages``,
+  ...); ``labels``: {name: [N, ...]}.
   Each process yields `batch_size // process_count` rows per step; stacking the
   processes' batches in process order gives the single-process global batch.
   ``mode``: 'cache', 'stream' or 'auto' (module docstring).
@@ -453,9 +526,7 @@ def make_eval_dataset(images, labels, *, batch_size, pp, process_index=0,
 
 
 def head(images, n):
-  """The first ``n`` of ``images`` (paths or records), for probe batches."""
-  if isinstance(images, records.RecordImages):
-    return records.RecordImages(images.store, images.indices[:n])
-  if isinstance(images, EncodedImages):
-    return EncodedImages(images.data[:n], images.name)
+  """The first ``n`` of ``images`` (paths or a byte source), for probe batches."""
+  if not _from_files(images):
+    return images.take(np.arange(min(n, len(images))))
   return list(images[:n]) if hasattr(images, '__getitem__') else list(images)[:n]

@@ -218,6 +218,15 @@ class RecordImages:
   def __len__(self):
     return len(self.indices)
 
+  def read(self, positions) -> list[bytes]:
+    return self.store.read(self.indices[np.asarray(positions, np.int64)])
+
+  def describe(self, position) -> str:
+    return self.store.describe(int(self.indices[position]))
+
+  def take(self, positions) -> 'RecordImages':
+    return RecordImages(self.store, self.indices[positions])
+
 
 class RecordNames:
   """The source names ('filename' column) of records ``indices``, read when asked for.
@@ -406,12 +415,31 @@ def write_store(out, num_records, record_bytes, columns, *, source, screened,
   return out
 
 
+def _row_arrays(source, rows, columns) -> dict:
+  """The folder's extra arrays (``<name>.npy``, one row per labels.csv row: landmarks,
+  embeddings), at ``rows``, as columns named ``<name>``."""
+  from faceflax.data import folder  # pylint: disable=g-import-not-at-top  # folder imports us
+  num_rows = len(folder.read_folder(source, check_files=False))
+  arrays = {}
+  for path in sorted(source.glob('*.npy')):
+    array = folder.load_array(path, mmap_mode='r')
+    if array.ndim == 0 or len(array) != num_rows:
+      logging.warning('%s: not stored (%s rows; labels.csv has %d)', path,
+                      array.shape[:1] or 'no', num_rows)
+      continue
+    if path.stem in columns:
+      raise DataError(f'{path}: its name clashes with the labels.csv column {path.stem!r}')
+    arrays[path.stem] = np.asarray(array[rows])
+  return arrays
+
+
 def prepare_folder(source, out, *, records_per_shard=100_000) -> Path:
   """Writes the folder-format dataset ``source`` (every split) as an array_record store.
 
   Images are screened as ``read_folder`` screens them (bad ones raise, or are skipped
   and listed in the manifest with ``data.skip_bad``), then stored byte for byte. All
-  labels.csv columns become columns, plus 'row' (the labels.csv row of each record).
+  labels.csv columns become columns, plus 'row' (the labels.csv row of each record) and
+  each per-row array beside labels.csv (``landmarks86.npy`` -> column 'landmarks86').
   """
   from faceflax.data import folder  # pylint: disable=g-import-not-at-top  # folder imports us
   source = Path(source).expanduser().absolute()
@@ -421,6 +449,7 @@ def prepare_folder(source, out, *, records_per_shard=100_000) -> Path:
   columns = dict(examples.labels)
   columns['filename'] = [os.path.relpath(p, source / 'images') for p in examples.paths]
   columns['row'] = examples.rows.astype(np.int64)
+  columns.update(_row_arrays(source, examples.rows, columns))
   return write_store(
       out, len(examples), lambda i: Path(examples.paths[i]).read_bytes(), columns,
       source={'kind': 'folder', 'dir': str(source),
@@ -579,6 +608,34 @@ def tfds_store(name: str, data_dir: str = '') -> Path:
       import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(root)
   return index_tfds(name, data_dir, root)
+
+
+TFDS_PREFIX = 'tfds:'  # a dataset entry of a config naming a TFDS build: 'tfds:utkface'
+
+
+def shared_tfds_store(name: str, data_dir: str = '') -> str:
+  """``tfds_store`` in a multi-process run: process 0 indexes, the others then read."""
+  from faceflax import distributed  # pylint: disable=g-import-not-at-top  # JAX only here
+  return distributed.process_zero_first(lambda: str(tfds_store(name, data_dir)),
+                                        f'tfds_index:{name}')
+
+
+def dataset_path(entry: str, root: str = '', tfds_data_dir: str = '') -> str:
+  """Where a config's dataset entry is read from: 'tfds:NAME[/CONFIG]' is that TFDS
+  build's index (``tfds_data_dir``), anything else a folder, store or pack under ``root``
+  (or an absolute path)."""
+  if entry.startswith(TFDS_PREFIX):
+    return shared_tfds_store(entry[len(TFDS_PREFIX):], tfds_data_dir)
+  return os.path.join(root, entry)
+
+
+def source_name(root) -> str:
+  """The name of the dataset a store was made from ('scut_fbp5500' of a store prepared from
+  that folder or indexed from its TFDS build): what picks the dataset's chip template."""
+  source = json.loads((Path(root) / MANIFEST).read_text()).get('source', {})
+  if source.get('kind') == 'tfds':
+    return source['name'].split('/')[0]
+  return Path(source.get('dir', root)).name
 
 
 def open_store(root) -> RecordStore:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from absl import logging
 
-from faceflax.data import images, scut_fbp5500
+from faceflax.data import images, pipeline, records, scut_fbp5500
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, drop_bad_rows, read_folder
 
@@ -57,27 +57,32 @@ def _images_under(root):
   return sorted(found)
 
 
-def list_unlabeled_images(dirs) -> tuple[str, ...]:
-  """Image paths for unlabeled pretraining, sorted per directory for determinism.
+def list_unlabeled_images(dirs, tfds_data_dir=''):
+  """Images for unlabeled pretraining, in the order of ``dirs``.
 
-  A folder-format dataset contributes its train rows only (all rows if it has no
-  split column), so val/test faces never leak into pretraining. Any other
-  directory contributes every image file below it.
+  A folder-format dataset, a record store or a TFDS build ('tfds:NAME[/CONFIG]', from
+  ``tfds_data_dir``) contributes its train rows only (all rows if it has no split
+  column), so val/test faces never leak into pretraining. Any other directory
+  contributes every image file below it, sorted. Paths when every entry is a folder
+  (duplicates dropped), else a ``pipeline.ConcatImages`` of the stores' records and the
+  folders' paths.
   """
   if isinstance(dirs, (str, os.PathLike)):
     dirs = [dirs]
-  paths = []
+  parts = []
   for data_dir in dirs:
+    if str(data_dir).startswith(records.TFDS_PREFIX):
+      data_dir = records.dataset_path(str(data_dir), tfds_data_dir=tfds_data_dir)
     root = _existing_dir(data_dir)
-    if _is_folder_format(root):
+    if _is_folder_format(root) or records.is_store(root) or records.is_insightface_pack(root):
       examples = read_folder(root)
       if 'split' in examples.labels:
         examples = examples.select(examples.labels['split'] == 'train')
-      found = list(examples.paths)
+      found = examples.images
     else:
       found = _images_under(root)
       found = [p for p, ok in zip(found, images.screen(found, str(root))) if ok]
-    if not found:
+    if not len(found):
       raise DataError(f'{root}: no images found')
-    paths += found
-  return tuple(dict.fromkeys(paths))  # Drops duplicates, keeps order.
+    parts.append(found)
+  return pipeline.join_images(parts, drop_repeats=True)

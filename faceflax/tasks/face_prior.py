@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from faceflax import config_checks, losses, reports
-from faceflax.data import face_regions, pipeline
+from faceflax.data import face_regions, pipeline, records
 from faceflax.data.errors import DataError
 from faceflax.data.folder import read_folder
 from faceflax.models import mae
@@ -129,35 +129,40 @@ def prior_terms(model: mae.MAE, heads: PriorHeads, cfg, params, batch, rng, trai
 
 # ----------------------------------------------------------------------------- data
 
-def dataset_dirs(config) -> list[str]:
+def dataset_entries(config) -> list[str]:
   names = [n.strip() for n in config.data.datasets.split(',') if n.strip()]
   if not names:
     raise ValueError('data.datasets is empty: name at least one folder under data.root')
-  return [os.path.join(config.data.root, n) for n in names]
+  return names
 
 
-def load_faces(config, split: str) -> tuple[tuple, np.ndarray]:
-  """Paths and face shapes of ``split`` of every dataset (a folder without splits gives all rows).
+def dataset_name(entry: str) -> str:
+  """'utkface' of 'utkface', '/data/utkface' or 'tfds:utkface/v1': what names its chip framing."""
+  if entry.startswith(records.TFDS_PREFIX):
+    return entry[len(records.TFDS_PREFIX):].split('/')[0]
+  return os.path.basename(os.path.normpath(entry))
+
+
+def load_faces(config, split: str) -> tuple[object, np.ndarray]:
+  """Images and face shapes of ``split`` of every dataset (a dataset without splits gives
+  all rows). A dataset is a folder, a record store (with its landmarks when it was
+  prepared from a folder that had them) or 'tfds:NAME'.
 
   The labels are never read: pretraining sees images and face geometry only.
   """
-  paths, shapes = [], []
-  for root in dataset_dirs(config):
+  parts, shapes = [], []
+  for entry in dataset_entries(config):
+    root = records.dataset_path(entry, config.data.root, config.data.get('tfds_data_dir', ''))
     examples = read_folder(root)
-    if examples.store is not None:
-      raise DataError(f'{root}: face-prior pretraining reads folder-format datasets (it '
-                      'needs their landmark arrays), not record stores')
     if 'split' in examples.labels:
       examples = examples.select(examples.labels['split'] == split)
     if not len(examples):
       raise DataError(f'{root}: no rows with split {split!r}')
-    paths += examples.paths
-    # Datasets without landmarks: the 5-point template of their chips where measured.
-    template = face_regions.CHIP_TEMPLATES.get(os.path.basename(os.path.normpath(root)),
-                                               face_regions.ARCFACE_TEMPLATE)
+    parts.append(examples.images)
+    template = face_regions.CHIP_TEMPLATES.get(dataset_name(entry), face_regions.ARCFACE_TEMPLATE)
     shapes.append(face_regions.load_face_shapes(root, examples, template))
     logging.info('%s split %r: %d faces', root, split, len(examples))
-  return tuple(paths), np.concatenate(shapes)
+  return pipeline.join_images(parts), np.concatenate(shapes)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -173,8 +178,8 @@ def pretrain_stage(name, model, heads, config, faces) -> loop.Stage:
     return prior_terms(model, heads, config.prior, params, batch, rng)
 
   def batches(start_step):  # faces is None when the stage is only restored
-    paths, shapes = faces
-    return pipeline.train_batches(config, paths, {'face_shapes': shapes},
+    images, shapes = faces
+    return pipeline.train_batches(config, images, {'face_shapes': shapes},
                                   batch_size=cfg.batch_size, pp=config.data.train_pp,
                                   seed=config.seed)(start_step=start_step)
 
@@ -189,14 +194,14 @@ def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
   The terms are batch means, so only whole batches are scored; the remainder
   (fewer than ``eval_batch_size`` faces) is reported as 'n_left_out'.
   """
-  paths, shapes = faces
+  images, shapes = faces
   bs = config.eval_batch_size
   mesh_lib.check_batch_size(bs, 'eval_batch_size')
-  whole = len(paths) // bs * bs
+  whole = len(images) // bs * bs
   if not whole:
-    raise DataError(f'{len(paths)} val faces do not fill one eval batch of {bs}')
+    raise DataError(f'{len(images)} val faces do not fill one eval batch of {bs}')
   step = jax.jit(lambda p, b, r: prior_terms(model, heads, config.prior, p, b, r, train=False)[1])
-  ds = pipeline.make_eval_dataset(paths[:whole], {'face_shapes': shapes[:whole]}, batch_size=bs,
+  ds = pipeline.make_eval_dataset(pipeline.head(images, whole), {'face_shapes': shapes[:whole]}, batch_size=bs,
                                   pp=pipeline.spec(config, config.data.eval_pp),
                                   cache_pp=pipeline.cache_pp(config),
                                   process_index=jax.process_index(),
@@ -206,7 +211,7 @@ def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
     batch = mesh_lib.put_batch({k: batch[k] for k in ('image', 'regions')}, mesh)
     for k, v in jax.device_get(step(params, batch, jax.random.key(i))).items():
       sums[k] = sums.get(k, 0.0) + float(v)
-  return {k: v / len(ds) for k, v in sums.items()} | {'n': whole, 'n_left_out': len(paths) - whole}
+  return {k: v / len(ds) for k, v in sums.items()} | {'n': whole, 'n_left_out': len(images) - whole}
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -251,8 +256,8 @@ class Job(stages_lib.StageStates):
     c = self.config
     if not c.prior.pixel_weight:
       return
-    paths, shapes = faces
-    batch = reports.probe_batch(paths, pipeline.spec(c, c.data.eval_pp), pipeline.cache_pp(c),
+    images, shapes = faces
+    batch = reports.probe_batch(images, pipeline.spec(c, c.data.eval_pp), pipeline.cache_pp(c),
                                 labels={'face_shapes': shapes})
     fractions = face_regions.patch_fractions(jnp.asarray(batch['regions']), self.model.patch)
     out, _ = masked_pretrain(self.model, c.prior, params['mae'], jnp.asarray(batch['image']),
@@ -313,7 +318,7 @@ def predict_photos(config, workdir: str, input_path: str, output: str,
   fn = jax.jit(lambda p, x: job.model.apply({'params': p}, x)['pooled'],
                out_shardings=mesh_lib.replicated(job.mesh))
   head = predict_lib.Head(lambda x: {'features': fn(params, x)}, config.data.image_size,
-                          dataset_dirs(config)[0])
+                          dataset_name(dataset_entries(config)[0]))
   return predict_lib.run(input_path, output, [head], job.mesh, config.eval_batch_size, align)
 
 

@@ -23,7 +23,6 @@ from jax.experimental import multihost_utils
 
 from faceflax import config_checks, distributed, losses, metrics, reports
 from faceflax.data import align as align_lib, pipeline, sources, synthetic
-from faceflax.data.errors import DataError
 from faceflax.models import mae
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
@@ -80,22 +79,17 @@ def labeled_examples(config, split: str, workdir: str):
 
 
 def unlabeled_images(config, workdir: str):
-  """Pretraining images: the labeled train split plus ``data.unlabeled`` folders.
-
-  Paths, or a record store's records when ``data.dir`` is a store (README "Data at
-  scale"): a store holds all the faces of a run, so it takes no extra folders.
-  """
+  """Pretraining images: the labeled train split plus the ``data.unlabeled`` datasets
+  (folders, record stores or 'tfds:NAME' builds; README "Data at scale")."""
   examples = labeled_examples(config, config.data.train_split, workdir)
   extra = [d.strip() for d in config.data.unlabeled.split(',') if d.strip()]
-  if examples.store is not None:
-    if extra:
-      raise DataError(f'data.unlabeled={config.data.unlabeled!r} with the record store '
-                      f'data.dir={config.data.dir!r}: prepare one store of all the faces')
-    logging.info('pretraining on %d unlabeled faces', len(examples))
-    return examples.images
-  paths = list(examples.paths) + list(sources.list_unlabeled_images(extra) if extra else [])
-  logging.info('pretraining on %d unlabeled faces', len(paths))
-  return tuple(paths)
+  if not extra:
+    images = examples.images
+  else:
+    more = sources.list_unlabeled_images(extra, config.data.get('tfds_data_dir', ''))
+    images = pipeline.join_images([examples.images, more], drop_repeats=True)
+  logging.info('pretraining on %d unlabeled faces', len(images))
+  return images
 
 
 def train_batches(config, images, labels, batch_size, seed):

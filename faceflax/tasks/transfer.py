@@ -33,7 +33,7 @@ from absl import logging
 from flax import traverse_util
 
 from faceflax import config_checks, metrics, reports
-from faceflax.data import align as align_lib, pipeline
+from faceflax.data import align as align_lib, pipeline, records
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, drop_bad_rows, read_folder
 from faceflax.models import mae
@@ -123,7 +123,10 @@ class TaskData:
 
 
 def task_dir(config, name: str) -> str:
-  return os.path.join(config.data.root, config.data.dirs.get(name, TASKS[name].data))
+  """The dataset of task ``name``: ``data.dirs.<name>`` (a folder or store under
+  ``data.root``, an absolute path, or 'tfds:NAME[/CONFIG]')."""
+  return records.dataset_path(config.data.dirs.get(name, TASKS[name].data), config.data.root,
+                              config.data.get('tfds_data_dir', ''))
 
 
 def attribute_columns(examples: Examples) -> tuple[str, ...]:
