@@ -62,8 +62,8 @@ def get_config(preset: str = ''):
                    alpha=1.0, beta=1.0, output_kd='kl', temperature=2.0, feature_pairs='-1:-1',
                    unlabeled_batch_size=0),
   )
-  c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, image_every=500,
-                 seed=0)
+  c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, image_every=500)
+  c.train.seed = c.get_ref('seed')  # init, dropout and masking follow --config.seed
   # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
   # per step, the device mesh (data=-1: every device the model axis leaves).
   c.train.update(precision='fp32', grad_accum_steps=1)

@@ -63,7 +63,8 @@ def get_config(preset: str = ''):
               beta=10.0,           # attention-map KD weight
               maps='channel,spatial'),
   )
-  c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, seed=0)
+  c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2)
+  c.train.seed = c.get_ref('seed')  # init and the step keys follow --config.seed
   # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
   # per step, the device mesh (data=-1: every device the model axis leaves).
   c.train.update(precision='fp32', grad_accum_steps=1)

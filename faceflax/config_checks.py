@@ -65,6 +65,10 @@ def check_common(config) -> None:
   if bad:
     raise ValueError('config: ' + '; '.join(bad))
   train = config.get('train', {})
+  if train.get('seed', config.get('seed')) != config.get('seed'):
+    raise ValueError(f'config.train.seed={train.seed} differs from config.seed={config.seed}: '
+                     'one seed drives init, data order and augmentation; set --config.seed '
+                     '(train.seed follows it)')
   if train.get('on_nonfinite', 'stop') not in loop.ON_NONFINITE:
     raise ValueError(f'config.train.on_nonfinite={train.get("on_nonfinite")!r}: expected one '
                      f'of {loop.ON_NONFINITE}')

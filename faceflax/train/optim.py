@@ -26,19 +26,20 @@ def adamw(config, num_steps: int, params=None,
   num_layers = head); used for fine-tuning pretrained encoders (BEiT/MAE).
   """
   sched = schedule(config, num_steps)
+  # Clipping comes first, on the norm of the whole gradient: inside the per-layer groups of
+  # multi_transform it would see only its group's part and clip each group on its own.
+  clip = optax.clip_by_global_norm(config.get('grad_clip', 1.0))
 
-  def make(scale: float = 1.0):
-    return optax.chain(
-        optax.clip_by_global_norm(config.get('grad_clip', 1.0)),
-        optax.adamw(lambda step: sched(step) * scale, b1=0.9, b2=config.get('b2', 0.999),
-                    weight_decay=config.weight_decay, mask=_decay_mask))
+  def scaled_adamw(scale: float = 1.0):
+    return optax.adamw(lambda step: sched(step) * scale, b1=0.9, b2=config.get('b2', 0.999),
+                       weight_decay=config.weight_decay, mask=_decay_mask)
 
   decay = config.get('layer_decay', 1.0)
   if decay >= 1.0 or layer_id is None:
-    return make(), sched
+    return optax.chain(clip, scaled_adamw()), sched
   flat = traverse_util.flatten_dict(params, sep='/')
   labels = traverse_util.unflatten_dict(
       {k: f'layer{layer_id(k)}' for k in flat}, sep='/')
   used = sorted({int(v[5:]) for v in jax.tree.leaves(labels)})
-  transforms = {f'layer{i}': make(decay ** (num_layers - i)) for i in used}
-  return optax.multi_transform(transforms, labels), sched
+  transforms = {f'layer{i}': scaled_adamw(decay ** (num_layers - i)) for i in used}
+  return optax.chain(clip, optax.multi_transform(transforms, labels)), sched
