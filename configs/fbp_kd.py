@@ -50,15 +50,17 @@ def get_config(preset: str = ''):
       # regression loss keeps the binned head from saturating on the mean score's bin.
       # Fine-tuning lr 3e-4 (MAE's 1e-3 * batch / 256): at 1e-3 the synthetic faces' ViT
       # stays on the mean-score plateau (gradient norm -> 0.01; README "Known problems").
+      # reinit: comma-separated patterns ('head/*') of parameters that may keep their init
+      # when the pretrained stage lacks them or has another shape; any other misfit is an error.
       finetune=optimizer(500, 64, 3e-4, 50, layer_decay=0.9, loss='mse', from_pretrained=True,
-                         ld_weight=1.0, ld_sigma=0.5),
+                         reinit='', ld_weight=1.0, ld_sigma=0.5),
   )
   c.student = dict(
       # Plain 8 px patches (8x8 tokens); feature KD pools them to the teacher's 4x4 grid.
       model=dict(variant='tiny', stem='patch', patch=8, mask_ratio=0.75, num_bins=9, dropout=0.0),
       pretrain=optimizer(300, 128, 1.5e-3, 30, norm_pix=True),
       kd=optimizer(400, 64, 3e-4, 40, layer_decay=0.9, loss='mse', from_pretrained=True,
-                   ld_weight=1.0, ld_sigma=0.5,
+                   reinit='', ld_weight=1.0, ld_sigma=0.5,
                    alpha=1.0, beta=1.0, output_kd='kl', temperature=2.0, feature_pairs='-1:-1',
                    unlabeled_batch_size=0),
   )

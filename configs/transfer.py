@@ -62,6 +62,9 @@ def get_config(preset: str = ''):
   c.backbone = dict(
       workdir='',        # '' = scratch baseline (random init)
       stage='pretrain',  # <workdir>/<stage>/ckpt, newest step
+      # what may keep its init when the stage lacks it or has another shape (the heads and
+      # the MAE decoder); every stem / encoder weight must load
+      reinit='head/*,mask_token,decoder*',
       image_size=64,
       # mae.make(variant, image_size=..., **rest): the keys of configs/fbp_kd.py teacher.model
       model=dict(variant='tiny', stem='patch', patch=8, stem_channels=24,

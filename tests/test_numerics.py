@@ -4,8 +4,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+import pytest
 
-from faceflax.train import optim
+from faceflax import losses
+from faceflax.train import optim, state as state_lib
 
 LAYER_OF = {'embed': 0, 'block0': 1, 'block1': 2, 'head': 3}
 
@@ -60,3 +63,73 @@ def test_clipping_is_global_across_layer_groups():
   for (group, key), value in want.items():
     np.testing.assert_allclose(p[group][key], value, rtol=2e-5, atol=1e-6,
                                err_msg=f'{group}/{key}')
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+def _tree(**shapes):
+  """{'group': {'leaf': zeros}} from keyword 'group__leaf'=shape, values = a counter."""
+  tree = {}
+  for i, (key, shape) in enumerate(shapes.items()):
+    group, leaf = key.split('__')
+    tree.setdefault(group, {})[leaf] = np.full(shape, float(i + 1), np.float32)
+  return tree
+
+
+def test_pretrained_weights_load_strictly():
+  model = _tree(encoder__kernel=(4, 4), encoder__bias=(4,), head__kernel=(4, 3), head__bias=(3,))
+  fresh = jax.tree.map(lambda x: -x, model)
+  pretrained = {'encoder': {'kernel': np.ones((4, 4)), 'bias': np.ones(4)},
+                'head': {'kernel': np.ones((4, 9))}, 'decoder': {'kernel': np.ones((2, 2))}}
+  # Every misfit is listed with both shapes; nothing loads in part.
+  with pytest.raises(state_lib.PretrainedMismatch,
+                     match=r"W/pre does not fit the model \(2 parameter\(s\)\): "
+                           r"head/bias: model \(3,\), pretrained missing; "
+                           r"head/kernel: model \(4, 3\), pretrained \(4, 9\)"):
+    state_lib.load_pretrained(fresh, pretrained, where='W/pre')
+  # The head may keep its init when the config says so; the rest is the checkpoint's.
+  params, facts = state_lib.load_pretrained(fresh, pretrained, 'head/*', where='W/pre')
+  np.testing.assert_array_equal(params['encoder']['kernel'], np.ones((4, 4)))
+  np.testing.assert_array_equal(params['head']['kernel'], fresh['head']['kernel'])
+  assert facts == {'from': 'W/pre', 'loaded': 2, 'kept_init': ['head/bias', 'head/kernel'],
+                   'not_used': 1}
+  with pytest.raises(state_lib.PretrainedMismatch, match=r"\['haed/\*'\] match no parameter"):
+    state_lib.load_pretrained(fresh, pretrained, ['head/*', 'haed/*'])
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+def test_accumulating_masked_means_equals_the_big_batch():
+  """A loss with a plain mean over rows, a mean over labeled rows and a mean over a random
+  mask (counts differ between micro-batches): k micro-batches give the big batch's step."""
+  def loss_fn(params, batch, rng):
+    pred = batch['x'] @ params['w']
+    labeled = batch['labeled']
+    del rng  # the masks come with the rows, so both runs see the same ones
+    drawn = (batch['x'][:, 0] > 0.3).astype(jnp.float32) * batch['keep']
+    score = losses.masked_mean((pred - batch['y']) ** 2, labeled)
+    sparse = losses.masked_mean(jnp.abs(pred), drawn)
+    plain = jnp.mean(pred ** 2)
+    loss = 2.0 * score + 0.5 * sparse + plain
+    return loss, {'score': score, state_lib.MASKED: {
+        'labeled': (2.0 * score, labeled.sum()), 'drawn': (0.5 * sparse, drawn.sum())}}
+
+  rng = np.random.default_rng(0)
+  n = 32
+  batch = {'x': rng.normal(size=(n, 5)).astype(np.float32),
+           'y': rng.normal(size=(n,)).astype(np.float32),
+           'labeled': (rng.random(n) < np.linspace(0.1, 0.9, n)).astype(np.float32),
+           'keep': (rng.random(n) < 0.8).astype(np.float32)}
+  tx = optax.sgd(0.1)
+  state = state_lib.init_state({'w': jnp.linspace(-1, 1, 5)}, tx)
+  update = state_lib.make_update(loss_fn, tx)
+  big, big_m = jax.jit(update)(state, batch, jax.random.key(0))
+  for k in (2, 4, 8):
+    counts = state_lib.micro_batches(batch, k)['labeled'].sum(1)
+    assert len(set(np.asarray(counts).tolist())) > 1  # the counts differ
+    acc, acc_m = jax.jit(lambda s, b, r, k=k: update(s, b, r, grad_accum_steps=k))(
+        state, batch, jax.random.key(0))
+    np.testing.assert_allclose(acc['params']['w'], big['params']['w'], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(acc_m['loss'], big_m['loss'], rtol=1e-5)
+    np.testing.assert_allclose(acc_m['grad_norm'], big_m['grad_norm'], rtol=1e-5)
+    assert state_lib.MASKED not in acc_m

@@ -26,17 +26,20 @@ def _flags(task, tmp_path, transfer_data_root, age_faces):
 
 
 def _first_stage(task, seed, tmp_path, transfer_data_root, age_faces):
-  """(initial params, first two batches) of the task's first stage under ``--config.seed``."""
+  """``(params, batches)`` of the task's first stage under ``--config.seed``: each call gives
+  the initial params and the first two batches afresh."""
   flags, stage_name = _flags(task, tmp_path, transfer_data_root, age_faces)
   config = configs_for_tests.parse_flags(task, f'--config.seed={seed}', *flags)
   assert config.train.seed == seed  # what loop.run seeds init and every step's key with
   workdir = tmp_path / f'work{seed}'
   workdir.mkdir(exist_ok=True)
-  job = tasks.get(task).Job(config, str(workdir))
-  stage = job.stage(stage_name)
-  params = jax.jit(stage.init_fn)(jax.random.key(config.train.seed))['params']
-  batches = stage.batches(start_step=0)
-  return params, [next(batches) for _ in range(2)]
+  stage = tasks.get(task).Job(config, str(workdir)).stage(stage_name)
+  init = jax.jit(stage.init_fn)
+
+  def draw():
+    batches = stage.batches(start_step=0)
+    return init(jax.random.key(config.train.seed))['params'], [next(batches) for _ in range(2)]
+  return draw
 
 
 def _same(a, b) -> bool:
@@ -47,8 +50,9 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize('task', ['fbp_kd', 'lqfr_kd', 'age_mtmsa', 'face_prior', 'transfer'])
 def test_one_seed_drives_init_and_batches(task, tmp_path, transfer_data_root, age_faces):
-  runs = {name: _first_stage(task, seed, tmp_path, transfer_data_root, age_faces)
-          for name, seed in (('a', 0), ('again', 0), ('b', 1))}
+  draw = {seed: _first_stage(task, seed, tmp_path, transfer_data_root, age_faces)
+          for seed in (0, 1)}
+  runs = {'a': draw[0](), 'again': draw[0](), 'b': draw[1]()}
   assert _same(runs['a'], runs['again'])  # init and batches: a pure function of the seed
   assert not _same(runs['a'][0], runs['b'][0]), 'initial parameters ignore the seed'
   for step in range(2):

@@ -97,6 +97,11 @@ def test_main_job_end_to_end_then_eval_mode(fbp_job, tmp_path):
     assert saved[who]['n'] == config.data.synthetic.num_val
   assert saved['student']['params'] < saved['teacher']['params']
   assert set(saved['stage_seconds']) == set(fbp_kd.STAGES[:-1])
+  # What each stage loaded, from where: every parameter of its pretraining stage.
+  for stage, source in (('teacher_finetune', 'teacher_pretrain'), ('student_kd', 'student_pretrain')):
+    loaded = saved['pretrained'][stage]
+    assert loaded['from'] == str(trained / source) and loaded['kept_init'] == []
+    assert loaded['loaded'] > 0
   assert results['teacher']['pc'] == saved['teacher']['pc']
   assert list(tmp_path.glob('events.out.tfevents.*'))  # TensorBoard
 

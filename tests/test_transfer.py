@@ -188,7 +188,7 @@ def test_mismatched_backbone_model_is_an_error(tmp_path):
   config.backbone.workdir = str(tmp_path)
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"(?s)'plain' params.*embed/.*kernel: model \(8, 8, 3, 32\), "
-                           r"checkpoint \(8, 8, 3, 16\).*encoder/block0"):
+                           r"pretrained \(8, 8, 3, 16\).*encoder/block0"):
     transfer.load_backbone(config, mesh_lib.make_mesh())
   config.backbone.stage = 'nowhere'
   with pytest.raises(checkpoint.CheckpointError, match='nowhere'):

@@ -120,9 +120,12 @@ def prior_terms(model: mae.MAE, heads: PriorHeads, cfg, params, batch, rng, trai
     # Centred per face: the raw tokens share one dominant direction (cosine ~0.95
     # for any pooled set), so the target is the component relative to the whole face.
     target = jax.lax.stop_gradient(tokens - tokens.mean(axis=1, keepdims=True))
-    terms['component'] = losses.pooled_feature_cosine(component_pred, target,
-                                                      member * out['mask'])
+    present = member * out['mask']
+    terms['component'] = losses.pooled_feature_cosine(component_pred, target, present)
     aux['component_tokens'] = jnp.mean(member.sum(-1))
+    # A mean over the faces with a masked component token: accumulated by their count.
+    faces = jnp.sum(present.sum(-1) > 0)
+    aux[state_lib.MASKED] = {'component': (cfg.component_weight * terms['component'], faces)}
   total = sum(cfg[f'{t}_weight'] * v for t, v in terms.items())
   return total, {**terms, **aux}
 
@@ -200,7 +203,8 @@ def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
   whole = len(images) // bs * bs
   if not whole:
     raise DataError(f'{len(images)} val faces do not fill one eval batch of {bs}')
-  step = jax.jit(lambda p, b, r: prior_terms(model, heads, config.prior, p, b, r, train=False)[1])
+  step = jax.jit(lambda p, b, r: state_lib.without_masked(
+      prior_terms(model, heads, config.prior, p, b, r, train=False)[1]))
   ds = pipeline.make_eval_dataset(pipeline.head(images, whole), {'face_shapes': shapes[:whole]}, batch_size=bs,
                                   pp=pipeline.spec(config, config.data.eval_pp),
                                   cache_pp=pipeline.cache_pp(config),

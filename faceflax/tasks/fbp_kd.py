@@ -124,13 +124,12 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
   """``examples`` None: no batches (a stage built only to load its checkpoint)."""
   size = config.data.image_size
 
-  def init_params_fn(rng):
-    params = init_params(model, rng, size)
-    if pretrained is not None:
-      params, _ = state_lib.merge_pretrained(params, pretrained)
-    return params
+  loaded = {}
 
-  template = jax.eval_shape(init_params_fn, jax.random.key(0))
+  def init_params_fn(rng):
+    return load_pretrained(init_params(model, rng, size), pretrained, cfg, loaded)
+
+  template = jax.eval_shape(init_params_fn, jax.random.key(0))  # a misfit fails here
   tx, sched = optim.adamw(cfg, cfg.steps, template,
                           functools.partial(layer_id, depth=model.depth), model.depth + 1)
   init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx)
@@ -144,7 +143,18 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched, batches=batches,
-      param_axes=mae.param_axes(model, size), tx=tx)
+      param_axes=mae.param_axes(model, size), tx=tx, loaded=loaded)
+
+
+def load_pretrained(params, pretrained, cfg, loaded: dict):
+  """``params`` with ``pretrained`` = (params, where) loaded strictly (``cfg.reinit``: what
+  may keep its init); ``loaded`` gets the facts for the stage's record."""
+  if pretrained is None:
+    return params
+  params, facts = state_lib.load_pretrained(params, pretrained[0], cfg.get('reinit', ''),
+                                            where=pretrained[1])
+  loaded.update(facts)
+  return params
 
 
 def score_terms(model: mae.MAE, cfg, out, score, weights=None) -> tuple[jax.Array, dict]:
@@ -156,6 +166,8 @@ def score_terms(model: mae.MAE, cfg, out, score, weights=None) -> tuple[jax.Arra
     terms['ld_kl'] = losses.label_distribution_kl(out['logits'], score, centers, cfg.ld_sigma,
                                                   weights)
     total += cfg.ld_weight * terms['ld_kl']
+  if weights is not None:  # a mean over the labeled rows: accumulated by their count
+    terms[state_lib.MASKED] = {'labeled': (total, jnp.sum(weights))}
   return total, terms
 
 
@@ -209,10 +221,10 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
   pairs = kd_pairs(cfg, student, teacher)  # check_config has checked the grids
   projector = FeatureProjector(tuple(teacher.width for _ in pairs))
 
+  loaded = {}
+
   def init_params_fn(rng):
-    params = init_params(student, rng, size)
-    if pretrained is not None:
-      params, _ = state_lib.merge_pretrained(params, pretrained)
+    params = load_pretrained(init_params(student, rng, size), pretrained, cfg, loaded)
     tokens = [jnp.zeros((1, teacher.grid ** 2, student.width))] * len(pairs)
     return {'student': params,
             'projector': projector.init(jax.random.fold_in(rng, 3), tokens)['params']}
@@ -248,7 +260,7 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
       batch_size=cfg.batch_size + (cfg.unlabeled_batch_size if unlabeled else 0),
       init_fn=init_fn, update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
       batches=None if examples is None else kd_batches(cfg, examples, unlabeled, config),
-      consts=(teacher_params,), tx=tx,
+      consts=(teacher_params,), tx=tx, loaded=loaded,
       param_axes={'student': mae.param_axes(student, size),
                   'projector': jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
                                             template['projector'])})
@@ -401,15 +413,22 @@ class Job(stages_lib.JobWriter):
                             () if restore_only else self.unlabeled, c)
     train = None if restore_only else labeled_examples(c, c.data.train_split, w)
     if name == 'teacher_finetune':
-      pretrained = upstream('teacher_pretrain') if c.teacher.finetune.from_pretrained else None
+      pretrained = self._pretrained('teacher_pretrain', c.teacher.finetune, restore_only)
       return finetune_stage(name, self.teacher, c.teacher.finetune, train, pretrained, c)
     if name == 'student_kd':
       kd = c.student.kd
-      pretrained = upstream('student_pretrain') if kd.from_pretrained else None
+      pretrained = self._pretrained('student_pretrain', kd, restore_only)
       unlabeled = self.unlabeled if kd.unlabeled_batch_size and not restore_only else ()
       return kd_stage(name, self.student, self.teacher, kd, train, unlabeled, pretrained,
                       upstream('teacher_finetune'), c)
     raise KeyError(name)
+
+  def _pretrained(self, name, cfg, restore_only):
+    """(params, where) of stage ``name`` when ``cfg.from_pretrained`` (restoring loads none)."""
+    if restore_only or not cfg.from_pretrained:
+      return None
+    where = stages_lib.stage_dir(self.workdir, self.config.reuse_from, name)
+    return self.params(name), where
 
   @functools.cached_property
   def unlabeled(self):
@@ -490,6 +509,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results['data'] = {'dir': config.data.dir or 'built-in synthetic faces',
                      'eval_split': config.data.eval_split, 'n': len(examples)}
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
+  results['pretrained'] = stages_lib.loaded(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
   _log_results(job.writer, results)
   stages_lib.write_results(os.path.join(workdir, 'results.json'), results)

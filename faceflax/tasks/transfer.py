@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import traverse_util
 
 from faceflax import config_checks, metrics, reports
 from faceflax.data import align as align_lib, pipeline, records
@@ -194,19 +193,6 @@ def select_mae_params(params) -> tuple[dict, str]:
   return params, 'plain'
 
 
-def _is_encoder(path: str) -> bool:
-  return path.startswith(('embed/', 'encoder/'))
-
-
-def encoder_mismatches(model_params, pretrained) -> list[str]:
-  """Stem and encoder weights that are missing, extra or differently shaped."""
-  want, have = ({k: v.shape for k, v in traverse_util.flatten_dict(p, sep='/').items()
-                 if _is_encoder(k)} for p in (model_params, pretrained))
-  out = [f'{k}: model {s}, checkpoint {have.get(k, "missing")}'
-         for k, s in want.items() if have.get(k) != s]
-  return out + [f'{k}: checkpoint {s}, not in the model' for k, s in have.items() if k not in want]
-
-
 def load_backbone(config, mesh) -> tuple[mae.MAE, dict, dict]:
   """(model, MAE params, report); a model that does not fit the checkpoint is an error."""
   b = config.backbone
@@ -229,18 +215,18 @@ def load_backbone(config, mesh) -> tuple[mae.MAE, dict, dict]:
   if not isinstance(state, dict) or 'params' not in state:
     raise checkpoint.CheckpointError(f'backbone: {directory} holds no train state with params')
   pretrained, layout = select_mae_params(state['params'])
-  bad = encoder_mismatches(params, pretrained)
-  if bad:
+  try:
+    params, loaded = state_lib.load_pretrained(params, pretrained, b.reinit,
+                                               where=f'{directory} step {step}')
+  except state_lib.PretrainedMismatch as e:
     raise checkpoint.CheckpointError(
         f'backbone: backbone.model ({b.model.to_dict()}, image_size {b.image_size}) does not '
-        f'match the {layout!r} params of {directory}: {len(bad)} stem/encoder weight(s) differ, '
-        f'e.g. ' + '; '.join(bad[:8]) + '. Set --config.backbone.model.* like the stage\'s '
-        'model config.')
-  params, fresh = state_lib.merge_pretrained(params, pretrained)
-  logging.info('backbone: %s params of %s step %d; %d non-encoder weight(s) left at init',
-               layout, directory, step, len(fresh))
+        f'match the {layout!r} params: {e} Set --config.backbone.model.* like the stage\'s '
+        'model config.') from None
+  logging.info('backbone: %s params of %s step %d; %d weight(s) left at init (%s)',
+               layout, directory, step, len(loaded['kept_init']), b.reinit)
   params = mesh_lib.put_replicated(params, mesh)
-  return model, params, {**report, 'layout': layout, 'step': int(step)}
+  return model, params, {**report, 'layout': layout, 'step': int(step), 'loaded': loaded}
 
 
 # ----------------------------------------------------------------------------- features

@@ -59,6 +59,9 @@ class Stage:
   # boxed params) and the optimizer (to find their moments); None = replicated.
   param_axes: Any = None
   tx: Any = None
+  # What init took from elsewhere (``state.load_pretrained``'s facts: from where, how many
+  # leaves, which kept their init); recorded in the stage's done marker and results.json.
+  loaded: dict = dataclasses.field(default_factory=dict)
 
 
 def done_marker(workdir: str, name: str) -> str:
@@ -183,7 +186,8 @@ def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
     if jax.process_index() == 0:
       files.write_json(done_marker(workdir, stage.name),
                        {'steps': stage.num_steps, 'seconds': seconds, 'compile_seconds': compile_s,
-                        **({'skipped_steps': skipped} if on_nonfinite == 'skip' else {})})
+                        **({'skipped_steps': skipped} if on_nonfinite == 'skip' else {}),
+                        **({'loaded': stage.loaded} if stage.loaded else {})})
     logging.info('%s: done in %s', stage.name, progress.duration(seconds))
     if watcher.requested:  # the signal came during the last step: finish, then stop
       raise Preempted(stage.name, step)

@@ -46,15 +46,27 @@ def load_state(workdir: str, reuse_from: str, name: str, init_state_fn, mesh) ->
   return state
 
 
-def seconds(workdir: str, reuse_from: str, names) -> dict:
-  """Training seconds of each finished stage (from its done marker)."""
+def _done_facts(workdir: str, reuse_from: str, names, key: str) -> dict:
+  """``key`` of each finished stage's done marker, where it has one."""
   out = {}
   for name in names:
     d = os.path.dirname(stage_dir(workdir, reuse_from, name))
     if loop.is_done(d, name):
       with open(loop.done_marker(d, name)) as f:
-        out[name] = json.load(f)['seconds']
+        facts = json.load(f)
+      if key in facts:
+        out[name] = facts[key]
   return out
+
+
+def seconds(workdir: str, reuse_from: str, names) -> dict:
+  """Training seconds of each finished stage (from its done marker)."""
+  return _done_facts(workdir, reuse_from, names, 'seconds')
+
+
+def loaded(workdir: str, reuse_from: str, names) -> dict:
+  """What each finished stage loaded at init (pretrained weights, from where; ``Stage.loaded``)."""
+  return _done_facts(workdir, reuse_from, names, 'loaded')
 
 
 def write_json(path: str, results: dict) -> None:

@@ -1,9 +1,11 @@
 """Plain-dict train states and the generic gradient update (big_vision style)."""
+import fnmatch
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 
 def init_state(params, tx: optax.GradientTransformation, model_state=None) -> dict:
@@ -12,6 +14,13 @@ def init_state(params, tx: optax.GradientTransformation, model_state=None) -> di
   if model_state is not None:
     state['model_state'] = model_state
   return state
+
+
+MASKED = '_masked'  # metrics entry of a loss_fn: {group: (part of the loss, mask count)}
+
+
+def without_masked(metrics: dict) -> dict:
+  return {k: v for k, v in metrics.items() if k != MASKED}
 
 
 def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
@@ -25,9 +34,12 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
 
   ``grad_accum_steps=k`` (static; the loop passes ``config.train.grad_accum_steps``)
   splits the batch into k micro-batches, sums their gradients in a ``lax.scan``
-  and takes one optimizer step: for a loss that is a plain mean over examples
-  the result is the big batch's, with 1/k of its activation memory. Micro-batch
-  i draws its randomness from ``fold_in(rng, i)``.
+  and takes one optimizer step with 1/k of the activation memory. Micro-batch i
+  draws its randomness from ``fold_in(rng, i)``. The step is the big batch's for a
+  loss that is a mean over examples, and also for parts of it that are means over a
+  mask whose count differs between micro-batches (labeled rows, component tokens):
+  ``loss_fn`` reports each such part in ``metrics[MASKED]`` = {group: (part, count)}
+  and micro-batch i's part is weighted by count_i / total count instead of 1/k.
 
   ``skip_nonfinite=True`` (static; ``config.train.on_nonfinite='skip'``): a step
   whose loss, gradients or new parameters are not all finite changes nothing
@@ -47,10 +59,11 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
       (loss, (metrics, new_state['model_state'])), grads = grad_fn(
           state['params'], batch, rng, *consts, model_state=state['model_state'])
     elif grad_accum_steps > 1:
-      loss, metrics, grads = _accumulate(grad_fn, state['params'], batch, rng, consts,
+      loss, metrics, grads = _accumulate(loss_fn, state['params'], batch, rng, consts,
                                          grad_accum_steps)
     else:
       (loss, metrics), grads = grad_fn(state['params'], batch, rng, *consts)
+    metrics = without_masked(metrics)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **metrics}
@@ -96,38 +109,84 @@ def micro_batches(batch: dict, k: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _accumulate(grad_fn, params, batch, rng, consts, k: int):
-  """Mean loss, metrics and gradients over k micro-batches (a scan: one in memory at a time)."""
+def _accumulate(loss_fn, params, batch, rng, consts, k: int):
+  """Loss, metrics (their mean) and gradients of the big batch from k micro-batches (a scan:
+  one in memory at a time); ``MASKED`` parts weighted by their share of the mask count."""
   micro = micro_batches(batch, k)
+  steps = jnp.arange(k)
+  first = jax.tree.map(lambda x: x[0], micro)
+  loss_shape, metrics_shape = jax.eval_shape(lambda mb: loss_fn(params, mb, rng, *consts), first)
+
+  def counts(i, mb):  # under jit only the masks are computed: the model is dead code here
+    _, metrics = loss_fn(params, mb, jax.random.fold_in(rng, i), *consts)
+    return {g: c for g, (_, c) in metrics.get(MASKED, {}).items()}
+
+  shares = {}
+  if MASKED in metrics_shape:
+    per_micro = jax.lax.map(lambda xs: counts(*xs), (steps, micro))  # {group: [k]}
+    shares = {g: c / jnp.maximum(c.sum(), 1.0) for g, c in per_micro.items()}
+
+  def objective(p, mb, r, share):
+    loss, metrics = loss_fn(p, mb, r, *consts)
+    out = loss / k + sum(part * (share[g] - 1.0 / k)
+                         for g, (part, _) in metrics.get(MASKED, {}).items())
+    return out, without_masked(metrics)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def body(total, xs):
-    i, mb = xs
-    (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), *consts)
+    i, mb, share = xs
+    (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), share)
+    metrics = jax.tree.map(lambda m: m / k, metrics)
     return jax.tree.map(jnp.add, total, (loss, metrics, grads)), None
 
-  first = jax.tree.map(lambda x: x[0], micro)
-  shapes = jax.eval_shape(lambda mb: grad_fn(params, mb, rng, *consts), first)
-  (loss_shape, metrics_shape), grads_shape = shapes
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       (loss_shape, metrics_shape, grads_shape))
-  total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
-  return jax.tree.map(lambda t: t / k, total)
+                       (loss_shape, without_masked(metrics_shape), params))
+  total, _ = jax.lax.scan(body, zeros, (steps, micro, shares))
+  return total
 
 
-def merge_pretrained(params, pretrained, prefix: str = '') -> tuple[dict, list[str]]:
-  """Copies every leaf of ``pretrained`` whose path and shape exist in ``params``.
+class PretrainedMismatch(ValueError):
+  """Pretrained weights that do not fit the model they are loaded into."""
 
-  Returns the merged params and the paths that were left at their init
-  (e.g. a new head), so the caller can log them.
+
+def _patterns(reinit) -> list[str]:
+  if isinstance(reinit, str):
+    reinit = reinit.split(',')
+  return [p.strip() for p in reinit if p.strip()]
+
+
+def load_pretrained(params, pretrained, reinit=(), where: str = 'pretrained') -> tuple[dict, dict]:
+  """``params`` with every leaf taken from ``pretrained`` (same '/'-joined path and shape).
+
+  Strict: a leaf the checkpoint lacks or holds in another shape is an error listing every
+  such path with both shapes, unless it matches one of the ``reinit`` patterns (fnmatch,
+  e.g. 'head/*'; a list or a comma-separated string), which keep their initial values. A
+  pattern that matches no parameter is an error too (a typo would silently load nothing
+  less). Checkpoint leaves the model has no use for (an MAE decoder) are counted, not
+  loaded. Works on arrays and on shapes (``jax.eval_shape``). Returns (params, facts).
   """
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  src = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
-  fresh, leaves = [], []
-  for path, value in flat:
-    key = jax.tree_util.keystr(path)
-    if key in src and src[key].shape == value.shape:
-      leaves.append(src[key])
+  patterns = _patterns(reinit)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  src = traverse_util.flatten_dict(pretrained, sep='/')
+  merged, kept, bad = {}, [], []
+  for path, value in flat.items():
+    have = src.get(path)
+    if have is not None and have.shape == value.shape:
+      merged[path] = have
+      continue
+    merged[path] = value
+    if any(fnmatch.fnmatchcase(path, p) for p in patterns):
+      kept.append(path)
     else:
-      leaves.append(value)
-      fresh.append(prefix + key)
-  return jax.tree.unflatten(jax.tree.structure(params), leaves), fresh
+      bad.append(f'{path}: model {tuple(value.shape)}, pretrained '
+                 f'{"missing" if have is None else tuple(have.shape)}')
+  unused = [p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in flat)]
+  if bad or unused:
+    raise PretrainedMismatch(
+        f'{where} does not fit the model ({len(bad)} parameter(s)): ' + '; '.join(bad)
+        + (f'; reinit pattern(s) {unused} match no parameter' if unused else '')
+        + '. List what may keep its initial values in the reinit key.')
+  facts = {'from': where, 'loaded': len(flat) - len(kept), 'kept_init': kept,
+           'not_used': len(set(src) - set(flat))}
+  return traverse_util.unflatten_dict(merged, sep='/'), facts
