@@ -30,6 +30,10 @@ def get_config(preset: str = ''):
       protocol='60_40',       # official layout only: '60_40' or 'cv1'..'cv5'
       train_split='train',
       eval_split='val',       # scored at the end of training
+      # k > 0: cross-validation inside data.dir: rows whose cv_column is k are scored (in
+      # place of eval_split), all the others train (README "Seeds, sweeps and error bars")
+      cv_fold=0,
+      cv_column='cv5_test_fold',
       unlabeled='',           # extra datasets for MAE pretraining (folders, stores, tfds:NAME)
       image_size=64,
       train_pp='random_resized_crop({size}, scale=(0.85, 1.0))|flip_lr|'

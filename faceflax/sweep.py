@@ -1,15 +1,18 @@
-"""Runs one config over several seeds and aggregates the runs' results into mean +- std.
+"""Runs one config over several seeds and/or cross-validation folds and aggregates the runs'
+results into mean +- std and paired differences.
 
-  python -m faceflax.sweep --config=configs/age_mtmsa.py:utkface --workdir=W --seeds=0,1,2 \
-      [--compare=W_OTHER] [-- --config.model.msa_stages=()]
+  python -m faceflax.sweep --config=configs/age_mtmsa.py:utkface --workdir=W --seeds=0,1,2
+  python -m faceflax.sweep --config=configs/fbp_kd.py:scut --workdir=W --folds=1,2,3,4,5 \
+      [--compare=W_OTHER] [-- --config.student.kd.alpha=0 ...]
 
-Each seed trains in ``W/seed<N>`` through ``main.py`` (``--config.seed=N``, the flags after
-``--`` appended); a run whose ``results.json`` exists is not redone, and an interrupted one
-resumes from its checkpoints like any run, so rerunning the command finishes the sweep.
-``W/sweep.json`` then holds, for every number in the runs' ``results.json``, its per-seed
-values, mean and sample std; with ``--compare`` (another sweep's workdir over the same
-seeds) also the paired difference (this - other) per seed, its mean, std and standard
-error (std / sqrt(n)).
+Each run trains in ``W/<run>`` (``seed0``, ``fold3`` or ``fold3_seed1``) through ``main.py``
+with ``--config.seed=N`` and ``--config.data.cv_fold=K`` (``--fold_flag``), the flags after
+``--`` appended ('{run}' in them becomes the run's name: an ablation can reuse the stages of
+the same run of another sweep, ``--config.reuse_from=W_OTHER/{run}``). A run whose ``results.json`` exists is not redone and an interrupted one
+resumes from its checkpoints, so rerunning the command finishes the sweep. ``W/sweep.json``
+then holds, for every number in the runs' ``results.json``, its per-run values, mean and
+sample std; with ``--compare`` (another sweep's workdir with the same runs) also the paired
+difference (this - other) per run, its mean, std and standard error (std / sqrt(n)).
 """
 import json
 import math
@@ -22,8 +25,10 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string('config', None, 'config file and preset, as for main.py')
 flags.DEFINE_string('workdir', None, 'the sweep folder: one run per seed below it')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'seeds to run')
-flags.DEFINE_string('compare', '', 'another sweep workdir: paired differences per seed')
+flags.DEFINE_list('seeds', ['0'], 'seeds to run (each fold with each seed)')
+flags.DEFINE_list('folds', [], 'cross-validation folds to run (none: no fold flag)')
+flags.DEFINE_string('fold_flag', '--config.data.cv_fold', 'the flag that selects a fold')
+flags.DEFINE_string('compare', '', 'another sweep workdir: paired differences per run')
 flags.DEFINE_boolean('aggregate_only', False, 'only aggregate the runs that finished')
 
 
@@ -47,63 +52,70 @@ def summary(values: list[float]) -> dict:
 
 
 def aggregate(runs: dict, other: dict | None = None) -> dict:
-  """``runs``: {seed: results}; the metrics every run has, summarised over the seeds, and
-  with ``other`` ({seed: results} of another sweep) the paired differences."""
-  per_run = {seed: numbers(r) for seed, r in runs.items()}
-  seeds = sorted(per_run)
+  """``runs``: {run name: results}; the metrics every run has, summarised over the runs,
+  and with ``other`` ({run name: results} of another sweep) the paired differences."""
+  per_run = {name: numbers(r) for name, r in runs.items()}
+  names = sorted(per_run)
   keys = sorted(set.intersection(*(set(v) for v in per_run.values()))) if per_run else []
-  out = {'seeds': seeds, 'metrics': {k: summary([per_run[s][k] for s in seeds]) for k in keys}}
+  out = {'runs': names, 'metrics': {k: summary([per_run[n][k] for n in names]) for k in keys}}
   if other is not None:
-    theirs = {seed: numbers(r) for seed, r in other.items()}
-    paired = [s for s in seeds if s in theirs]
+    theirs = {name: numbers(r) for name, r in other.items()}
+    paired = [n for n in names if n in theirs]
     if not paired:
-      raise ValueError(f'--compare: no seed in common (this sweep: {seeds}, '
+      raise ValueError(f'--compare: no run in common (this sweep: {names}, '
                        f'the other: {sorted(theirs)})')
-    out['paired_seeds'] = paired
+    out['paired_runs'] = paired
     out['paired_differences'] = {
-        k: summary([per_run[s][k] - theirs[s][k] for s in paired])
-        for k in keys if all(k in theirs[s] for s in paired)}
+        k: summary([per_run[n][k] - theirs[n][k] for n in paired])
+        for k in keys if all(k in theirs[n] for n in paired)}
   return out
 
 
-def run_dir(workdir: str, seed) -> str:
-  return os.path.join(workdir, f'seed{seed}')
-
-
-def finished_runs(workdir: str, seeds) -> dict:
+def planned_runs(seeds, folds, fold_flag) -> dict:
+  """{run name: its flags} of every fold x seed."""
   runs = {}
-  for seed in seeds:
-    path = os.path.join(run_dir(workdir, seed), 'results.json')
-    if os.path.isfile(path):
-      with open(path) as f:
-        runs[int(seed)] = json.load(f)
+  for fold in folds or [None]:
+    for seed in seeds:
+      name = f'seed{seed}' if fold is None else (
+          f'fold{fold}' if len(seeds) == 1 else f'fold{fold}_seed{seed}')
+      runs[name] = [f'--config.seed={seed}'] + ([] if fold is None else [f'{fold_flag}={fold}'])
   return runs
 
 
-def finished_sweep(workdir: str) -> dict:
-  """{seed: results} of every finished run below ``workdir``."""
-  seeds = [name[4:] for name in sorted(os.listdir(workdir))
-           if name.startswith('seed') and name[4:].isdigit()]
-  return finished_runs(workdir, seeds)
+def finished_runs(workdir: str, names=None) -> dict:
+  """{run name: results} of the finished runs below ``workdir`` (of ``names``, or all)."""
+  if names is None:
+    names = sorted(d for d in os.listdir(workdir)
+                   if os.path.isfile(os.path.join(workdir, d, 'results.json')))
+  runs = {}
+  for name in names:
+    path = os.path.join(workdir, name, 'results.json')
+    if os.path.isfile(path):
+      with open(path) as f:
+        runs[name] = json.load(f)
+  return runs
 
 
 def main(argv):
   extra = argv[1:]
   if not FLAGS.workdir or not FLAGS.config:
     raise app.UsageError('--config and --workdir are required')
-  seeds = [int(s) for s in FLAGS.seeds]
+  plan = planned_runs([int(s) for s in FLAGS.seeds], [int(f) for f in FLAGS.folds],
+                      FLAGS.fold_flag)
   if not FLAGS.aggregate_only:
     main_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'main.py')
-    for seed in seeds:
-      if os.path.isfile(os.path.join(run_dir(FLAGS.workdir, seed), 'results.json')):
+    for name, run_flags in plan.items():
+      workdir = os.path.join(FLAGS.workdir, name)
+      if os.path.isfile(os.path.join(workdir, 'results.json')):
         continue  # finished earlier
       subprocess.run([sys.executable, main_py, f'--config={FLAGS.config}',
-                      f'--workdir={run_dir(FLAGS.workdir, seed)}', f'--config.seed={seed}',
-                      *extra], check=True)
-  runs = finished_runs(FLAGS.workdir, seeds)
-  other = finished_sweep(FLAGS.compare) if FLAGS.compare else None
+                      f'--workdir={workdir}', *run_flags,
+                      *(f.replace('{run}', name) for f in extra)], check=True)
+  runs = finished_runs(FLAGS.workdir, list(plan))
+  if not runs:
+    raise app.UsageError(f'no finished run in {FLAGS.workdir} (runs: {list(plan)})')
+  other = finished_runs(FLAGS.compare) if FLAGS.compare else None
   result = {'config': FLAGS.config, 'flags': extra, **aggregate(runs, other)}
-  os.makedirs(FLAGS.workdir, exist_ok=True)
   with open(os.path.join(FLAGS.workdir, 'sweep.json'), 'w') as f:
     json.dump(result, f, indent=1)
   for key, s in result['metrics'].items():

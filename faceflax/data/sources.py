@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from absl import logging
+import numpy as np
 
 from faceflax.data import images, pipeline, records, scut_fbp5500
 from faceflax.data.errors import DataError
@@ -43,6 +44,20 @@ def load_examples(data_dir, split, *, label_columns=(), protocol='60_40') -> Exa
   score = examples.labels['score']
   return drop_bad_rows(examples, [None if lo <= v <= hi else f'score {v:g}' for v in score],
                        root, f'score(s) outside {lo:g}..{hi:g}')
+
+
+def select_fold(examples: Examples, column: str, fold: int, train: bool, where) -> Examples:
+  """Cross-validation inside a dataset: the rows whose ``column`` is ``fold`` (the fold's
+  held-out rows) or, with ``train``, all the others."""
+  if column not in examples.labels:
+    raise DataError(f'{where}: no column {column!r} to take cross-validation fold {fold} from '
+                    f'(columns: {sorted(examples.labels)})')
+  values = np.asarray(examples.labels[column], np.float64)
+  folds = sorted({int(v) for v in values if np.isfinite(v)})
+  if fold not in folds:
+    raise DataError(f'{where}: column {column!r} has no fold {fold} (folds: {folds})')
+  held_out = values == fold
+  return examples.select(~held_out if train else held_out)
 
 
 def _is_folder_format(root):

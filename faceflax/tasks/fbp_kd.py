@@ -74,8 +74,14 @@ def labeled_examples(config, split: str, workdir: str):
         num_train=s.num_train, num_val=s.num_val, num_test=s.num_test, size=s.size,
         seed=s.seed), 'synthetic_faces')
     logging.info('no data.dir given: using the built-in procedurally drawn faces in %s', data_dir)
-  return sources.load_examples(data_dir, split, label_columns=('score',),
-                               protocol=config.data.protocol)
+  fold = config.data.get('cv_fold', 0)
+  if not fold:
+    return sources.load_examples(data_dir, split, label_columns=('score',),
+                                 protocol=config.data.protocol)
+  # Cross-validation inside the folder: the fold's rows are scored, the others train.
+  everything = sources.load_examples(data_dir, None, label_columns=('score',))
+  return sources.select_fold(everything, config.data.cv_column, fold,
+                             train=split == config.data.train_split, where=data_dir)
 
 
 def unlabeled_images(config, workdir: str):
@@ -357,6 +363,9 @@ def parse_stages(config) -> list[str]:
 def check_config(config) -> None:
   """Inconsistent settings, before any data is read or step compiled (``app.run`` calls it)."""
   parse_stages(config)
+  fold = config.data.get('cv_fold', 0)
+  if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
+    raise ValueError(f'data.cv_fold={fold!r}: expected 0 (off) or a fold number >= 1')
   teacher, student = (make_model(config[who].model, config.data.image_size)
                       for who in ('teacher', 'student'))
   config_checks.check_mae(teacher, 'teacher.model')
@@ -507,7 +516,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _write_reports(workdir, preds, 'eval', job.writer)
   results['student_teacher_param_ratio'] = results['student']['params'] / results['teacher']['params']
   results['data'] = {'dir': config.data.dir or 'built-in synthetic faces',
-                     'eval_split': config.data.eval_split, 'n': len(examples)}
+                     'eval_split': config.data.eval_split, 'n': len(examples),
+                     'cv_fold': config.data.get('cv_fold', 0)}
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['pretrained'] = stages_lib.loaded(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
