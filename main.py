@@ -9,8 +9,9 @@
   python main.py --config=... --workdir=SHARED_W --coordinator_address=HOST0:1234 \
       --num_processes=N --process_id=I
 
-Exit status: 0 done; 75 (preemption.EXIT_CODE) stopped by SIGTERM / SIGINT with
-the current step checkpointed: rerun the same command to resume exactly.
+Exit status: 0 done; 1 bad input (data, config, workdir, checkpoint: one line saying what,
+no traceback; -v 1 adds it); 2 bad flags; 75 (preemption.EXIT_CODE) stopped by SIGTERM /
+SIGINT with the current step checkpointed: rerun the same command to resume exactly.
 """
 import sys
 
@@ -42,7 +43,28 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes (default: env '
                      'JAX_NUM_PROCESSES, else cluster auto-detection).')
 flags.DEFINE_integer('process_id', None, 'This process\'s id in 0..num_processes-1 (default: '
                      'env JAX_PROCESS_ID, else cluster auto-detection).')
+flags.DEFINE_boolean('allow_config_change', False,
+                     'train on in a --workdir that was trained with a config that differs in '
+                     'what changes the models or their scores (refused by default; the earlier '
+                     'results are kept as *.before-<time>.json).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv):
+  """absl's parsing, with an unknown ``--config.`` key named in one line (the flag, the key,
+  the closest valid keys) instead of ml_collections' traceback."""
+  try:
+    return FLAGS(argv)
+  except (KeyError, AttributeError):
+    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+    if not spec:
+      raise
+    from faceflax import config_checks
+    message = config_checks.unknown_override(spec, argv)
+    if not message:
+      raise
+    sys.stderr.write(f'FATAL config: {message}\n')
+    sys.exit(2)
 
 
 def main(argv):
@@ -55,11 +77,17 @@ def main(argv):
   from faceflax.train import preemption
   try:
     faceflax_app.run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.input or '',
-                     FLAGS.output or '', FLAGS.align)
+                     FLAGS.output or '', FLAGS.align, FLAGS.allow_config_change)
   except preemption.Preempted as e:
     logging.warning('%s', e)
     sys.exit(preemption.EXIT_CODE)
+  except faceflax_app.expected_errors() as e:
+    if FLAGS.verbosity >= 1:  # -v 1: the traceback as well
+      raise
+    # What is wrong with the input, in one line; a bug's traceback is not hidden (not caught).
+    logging.error('%s: %s', type(e).__name__, e)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

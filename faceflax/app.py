@@ -44,9 +44,46 @@ def with_tfds_data(config):
   return config
 
 
+def expected_errors() -> tuple:
+  """Errors that say what is wrong with the user's input (data, config, workdir, checkpoint):
+  main.py prints their message in one line, without a traceback (README "Failure behaviour")."""
+  from faceflax.data.errors import DataError  # pylint: disable=g-import-not-at-top
+  from faceflax.train import checkpoint, stages, state  # pylint: disable=g-import-not-at-top
+  return (DataError, config_checks.ConfigError, files.WorkdirError, checkpoint.CheckpointError,
+          stages.ConfigChanged, state.PretrainedMismatch)
+
+
 def run(config, workdir: str, mode: str = 'train', input_path: str = '', output: str = '',
-        align: str = 'auto'):
-  """``input_path``, ``output``, ``align``: --mode=predict / verify (README "Use a trained model")."""
+        align: str = 'auto', allow_config_change: bool = False):
+  """``input_path``, ``output``, ``align``: --mode=predict / verify (README "Use a trained model");
+  ``allow_config_change``: train on in a workdir trained with another config (``stages``)."""
+  try:
+    task = _check_before_work(config, workdir, mode, input_path, output)
+  except ValueError as e:  # the checks' ValueErrors are about the config or the flags
+    if isinstance(e, expected_errors()):
+      raise
+    raise config_checks.ConfigError(str(e)) from e
+  files.check_writable(os.path.abspath(workdir))
+  logging.info('task=%s mode=%s workdir=%s devices=%d (%s) processes=%d', config.task, mode,
+               workdir, jax.device_count(), jax.devices()[0].platform, jax.process_count())
+  logging.info('config:\n%s', config)
+  with bad_data.policy(skip=config.data.get('skip_bad', False)):
+    config = with_tfds_data(config)
+    if mode == 'train':
+      from faceflax.train import stages  # pylint: disable=g-import-not-at-top
+      stages.check_config_unchanged(config, workdir, allow_config_change)
+      task.check_data(config, workdir)  # every split read now: bad data fails before training
+      stages.record_config(config, workdir)  # the config of what trains here, once it can
+      return task.train_and_evaluate(config, workdir)
+    if mode == 'predict':
+      return task.predict_photos(config, workdir, input_path, output, align)
+    if mode == 'verify':
+      return task.verify(config, workdir, input_path, align)
+    return task.evaluate(config, workdir)
+
+
+def _check_before_work(config, workdir, mode, input_path, output):
+  """Every check that needs no data, first: a bad config or flag fails in seconds. The task."""
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}: expected one of {MODES}')
   if not workdir:
@@ -63,21 +100,6 @@ def run(config, workdir: str, mode: str = 'train', input_path: str = '', output:
   quiet_library_logs()
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # process 0 writes the log; the others only problems
-  # Every check that needs no data comes first: a bad config fails in seconds.
   config_checks.check_common(config)
   task.check_config(config)
-  files.check_writable(os.path.abspath(workdir))
-  logging.info('task=%s mode=%s workdir=%s devices=%d (%s) processes=%d', config.task, mode,
-               workdir, jax.device_count(), jax.devices()[0].platform, jax.process_count())
-  logging.info('config:\n%s', config)
-  with bad_data.policy(skip=config.data.get('skip_bad', False)):
-    config = with_tfds_data(config)
-    if mode == 'train':
-      if hasattr(task, 'check_data'):  # every split read now: bad data fails before training
-        task.check_data(config, workdir)
-      return task.train_and_evaluate(config, workdir)
-    if mode == 'predict':
-      return task.predict_photos(config, workdir, input_path, output, align)
-    if mode == 'verify':
-      return task.verify(config, workdir, input_path, align)
-    return task.evaluate(config, workdir)
+  return task

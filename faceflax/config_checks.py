@@ -15,6 +15,10 @@ from faceflax.models import mae
 from faceflax.train import loop, precision
 
 
+class ConfigError(ValueError):
+  """A config value or flag that cannot work; the message names the key or flag."""
+
+
 def _positive_int(v):
   return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -94,3 +98,44 @@ def check_mae(model: mae.MAE, key: str) -> None:
   if model.width % 4 or model.width % model.num_heads:
     raise ValueError(f'{key}: width {model.width} must be divisible by 4 (position embedding) '
                      f'and by num_heads {model.num_heads}')
+
+
+def load_config_file(spec: str) -> ConfigDict:
+  """The config of ``--config=path[:preset]``, loaded as ml_collections' config flag does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, preset = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('faceflax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def _key_paths(config, prefix=''):
+  for key, value in config.items():
+    yield f'{prefix}{key}'
+    if isinstance(value, ConfigDict):
+      yield from _key_paths(value, f'{prefix}{key}.')
+
+
+def unknown_override(config_spec: str, argv) -> str:
+  """The message for the first ``--config.a.b=v`` of ``argv`` that names a key the config
+  file lacks ('' when every override names a key): the flag, the unknown part, and the
+  closest valid keys."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  config = load_config_file(config_spec)
+  paths = list(_key_paths(config))
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0]
+    node, walked = config, []
+    for part in path.split('.'):
+      if not isinstance(node, ConfigDict) or part not in node:
+        where = '.'.join(walked) or 'the top level'
+        close = difflib.get_close_matches(path, paths, n=4, cutoff=0.5) or sorted(
+            p for p in paths if p.count('.') == len(walked) and p.startswith('.'.join(walked)))[:8]
+        return (f'{arg}: {config_spec} has no key {path!r} ({part!r} is not a key of {where}; '
+                f'task {config.get("task", "?")!r}). Closest valid keys: {", ".join(close)}')
+      node = node[part]
+      walked.append(part)
+  return ''

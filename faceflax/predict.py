@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from faceflax import progress as progress_lib
 from faceflax.data import align as align_lib, images, ops, sources
 from faceflax.data.errors import DataError
-from faceflax.train import mesh as mesh_lib
+from faceflax.train import files, mesh as mesh_lib
 
 EXTENSIONS = sources.IMAGE_EXTENSIONS + ('.webp', '.gif')
 SCORED = ('ok', 'several_faces')  # statuses whose row holds predictions
@@ -83,6 +83,7 @@ def check_inputs(mode: str, input_path: str, output: str) -> None:
   list_inputs(input_path)
   if not output:
     raise ValueError('--mode=predict needs --output (the CSV to write)')
+  files.check_output_file(output, '--output')  # before any model loads: no scoring is lost
 
 
 class Loader:

@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 
 from faceflax import data
-from faceflax.data import DataError
+from faceflax.data import DataError, records
 
 REAL_DATA = Path(__file__).parents[1].parent / 'shared' / 'data'
 CACHE_PP = 'decode|resize(8)'
@@ -94,6 +94,25 @@ def test_read_folder_without_split_column_uses_all_rows(tmp_path):
   _write_image(tmp_path / 'images' / 'b.png', 2, mode='L', fmt='PNG')
   _write_csv(tmp_path, ['filename,subject', 'a.png,1', 'b.png,2'])
   assert len(data.read_folder(tmp_path, 'test')) == 2
+
+
+def test_split_names_differing_in_case_or_spaces_are_the_same_split(folder, tmp_path, caplog):
+  """' Train', 'TRAIN ' and 'train' are one split (in a folder, a store, and pretraining's
+  selection); rows of other splits are counted in the log."""
+  lines = (folder / 'labels.csv').read_text().splitlines()
+  odd = {1: ' Train', 2: 'TRAIN ', 7: 'Val'}
+  for row, name in odd.items():
+    lines[row] = lines[row].rsplit(',', 1)[0] + f',{name}'
+  _write_csv(folder, lines)
+  with caplog.at_level('INFO'):
+    train = data.read_folder(folder, 'train')
+  assert len(train) == 6 and len(data.read_folder(folder, 'val')) == 2
+  assert "6 rows of split 'train'; 4 rows in other splits ('test': 2, 'val': 2)" in caplog.text
+  store = records.prepare_folder(folder, tmp_path / 'store')
+  assert len(data.read_folder(store, ' TRAIN')) == 6
+  everything = data.read_folder(folder)
+  assert data.in_split(everything, 'train').sum() == 6
+  assert len(data.list_unlabeled_images([folder])) == 6
 
 
 def test_unknown_split_lists_available(folder):

@@ -23,7 +23,7 @@ import pytest
 from clu import metric_writers
 from PIL import Image
 
-from faceflax import app
+from faceflax import app, config_checks
 from faceflax.data import DataError, bad_data, get_preprocess_fn, pairs, read_folder, sources
 from faceflax.data.folder import load_array
 from faceflax.tasks import age_mtmsa, transfer
@@ -219,10 +219,71 @@ def test_skip_bad_counts_in_results_json_and_strict_run_leaves_results_intact(fo
   assert written['beauty']['linear']['n_train'] == 15 == results['beauty']['linear']['n_train']
 
 
+def test_a_workdir_rerun_with_another_config_is_refused_unless_asked(folder, tmp_path):
+  """A workdir trained with one config is not retrained or re-scored under another: the
+  keys that differ are listed and nothing is written; neutral keys (logging, mesh, batch
+  size of evaluation) may change; --allow_config_change keeps the earlier results aside."""
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  stages.record_config(_transfer_config(folder.parent), str(workdir))
+  (workdir / 'results.json').write_text('{"earlier": 1}')
+  changed = _transfer_config(folder.parent, max_train=5)
+  changed.seed = 1
+  with pytest.raises(stages.ConfigChanged,
+                     match=r"3 key\(s\) differ: data.max_train: 0 -> 5; seed: 0 -> 1; "
+                           r"train.seed: 0 -> 1\. .*--allow_config_change"):
+    app.run(changed, str(workdir))
+  assert json.loads((workdir / 'results.json').read_text()) == {'earlier': 1}
+  neutral = _transfer_config(folder.parent)
+  neutral.train.log_every, neutral.eval_batch_size, neutral.stages = 1, 8, 'x'
+  stages.check_config_unchanged(neutral, str(workdir))
+  stages.check_config_unchanged(changed, str(workdir), allow_change=True)
+  kept = list(workdir.glob('results.before-*.json'))
+  assert len(kept) == 1 and json.loads(kept[0].read_text()) == {'earlier': 1}
+
+
 # ----------------------------------------------------------------------------- configs
 
 def _parse_flags(*overrides):
   return configs_for_tests.parse_flags('fbp_kd', *overrides)
+
+
+def test_a_key_of_another_tasks_config_is_named_in_one_line(tmp_path):
+  """--config.<key> that the task's config lacks: the flag, the unknown part and the
+  closest valid keys, in one line and exit status 2, not the config library's traceback."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  spec = f'{REPO}/configs/age_mtmsa.py:test'
+  message = config_checks.unknown_override(spec, ['--workdir=w', '--config.teacher.model.variant=x'])
+  assert message.startswith("--config.teacher.model.variant=x: ") and (
+      "'teacher' is not a key of the top level; task 'age_mtmsa'" in message)
+  assert 'model.variant' in message.split('Closest valid keys: ')[1]
+  assert "'varient' is not a key of model" in config_checks.unknown_override(
+      spec, ['--config.model.varient=x'])
+  assert config_checks.unknown_override(spec, ['--config.model.variant=x']) == ''
+  done = subprocess.run([sys.executable, 'main.py', f'--config={spec}', f'--workdir={tmp_path}',
+                         '--config.teacher.model.variant=x'], cwd=REPO, capture_output=True,
+                        text=True, check=False)
+  assert done.returncode == 2 and 'Traceback' not in done.stderr
+  assert "FATAL config: --config.teacher.model.variant=x:" in done.stderr
+  assert not list(tmp_path.iterdir())
+
+
+def test_expected_errors_exit_1_in_one_line_and_bugs_keep_their_traceback(tmp_path):
+  """A DataError (here: a data folder without images/) is one line and exit status 1; -v 1
+  adds the traceback; an error the user's input did not cause keeps its traceback."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'data').mkdir()
+  command = [sys.executable, 'main.py', f'--config={REPO}/configs/age_mtmsa.py:test',
+             f'--workdir={tmp_path / "w"}', f'--config.data.dir={tmp_path / "data"}']
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+  assert done.returncode == 1 and 'Traceback' not in done.stderr
+  assert f'DataError: no such directory: {tmp_path / "data" / "images"}' in done.stderr
+  verbose = subprocess.run(command + ['-v', '1'], cwd=REPO, capture_output=True, text=True,
+                           check=False)
+  assert verbose.returncode == 1 and 'Traceback' in verbose.stderr
+  assert app.expected_errors() and not issubclass(KeyError, app.expected_errors())
 
 
 def test_unknown_keys_and_wrong_types_are_refused_naming_the_key():

@@ -13,6 +13,7 @@ from PIL import Image
 from faceflax import app, metrics, predict
 from faceflax.data import align
 from faceflax.data.errors import DataError
+from faceflax.train import files
 from tests import configs_for_tests, test_transfer
 from tests.conftest import REPO, SHARED_DATA, copy_workdir, xla_flags
 from tests.predict_helpers import (ALIGN, assert_same_predictions, check_statuses, csv_rows,
@@ -71,6 +72,16 @@ def test_inputs_are_checked_before_any_model_loads(tmp_path, photos):
     app.run(config, str(tmp_path), 'predict', str(tmp_path / 'nowhere.jpg'), 'o.csv')
   with pytest.raises(ValueError, match='needs --output'):
     app.run(config, str(tmp_path), 'predict', str(photos), '')
+  # An output that cannot be written fails before any scoring, not after it.
+  folder = tmp_path / 'already_a_folder'
+  folder.mkdir()
+  with pytest.raises(files.WorkdirError, match=f'--output={folder} is a folder'):
+    app.run(config, str(tmp_path / 'w'), 'predict', str(photos), str(folder))
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  with pytest.raises(files.WorkdirError, match='--output=.*a_file/scores.csv cannot be written'):
+    app.run(config, str(tmp_path / 'w'), 'predict', str(photos), str(blocker / 'scores.csv'))
+  assert not (tmp_path / 'w').exists() and blocker.read_text() == 'x'
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(DataError, match='no image files'):

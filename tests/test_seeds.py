@@ -7,6 +7,8 @@ import pytest
 from faceflax import config_checks, tasks
 from tests import configs_for_tests, predict_helpers
 
+pytestmark = pytest.mark.filterwarnings('ignore:the load_module')  # ml_collections' loader
+
 
 def _flags(task, tmp_path, transfer_data_root, age_faces):
   """The overrides that give each task's :test preset its data, and its first stage."""

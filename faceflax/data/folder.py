@@ -132,6 +132,29 @@ def _column_array(values):
   return np.asarray(values, dtype=object)
 
 
+def split_key(value) -> str:
+  """How split names compare: surrounding spaces and letter case are ignored (' Train' is
+  'train'), so a near-miss in a hand-edited labels.csv is not silently left out."""
+  return str(value).strip().casefold()
+
+
+def in_split(examples: 'Examples', split: str) -> np.ndarray:
+  """Which ``examples`` belong to ``split`` (all of them without a split column)."""
+  if 'split' not in examples.labels:
+    return np.ones(len(examples), bool)
+  return np.asarray([split_key(v) == split_key(split) for v in examples.labels['split']], bool)
+
+
+def _log_other_splits(where, split, values, kept: int):
+  others = {}
+  for v in values:
+    if split_key(v) != split_key(split):
+      others[split_key(v)] = others.get(split_key(v), 0) + 1
+  if others:
+    logging.info('%s: %d rows of split %r; %d rows in other splits (%s)', where, kept, split,
+                 sum(others.values()), ', '.join(f'{k!r}: {n}' for k, n in sorted(others.items())))
+
+
 def _read_csv(csv_path):
   """Returns (columns, rows, line numbers); line numbers are 1-based, as in an editor."""
   with open(csv_path, newline='', encoding='utf-8-sig') as f:
@@ -202,11 +225,12 @@ def read_folder(root, split=None, *, label_columns=(), check_files=True) -> Exam
       logging.warning('%s has no "split" column; using all %d rows for split %r.',
                       csv_path, len(rows), split)
     else:
-      keep = [i for i, row in enumerate(rows) if row['split'] == split]
+      keep = [i for i, row in enumerate(rows) if split_key(row['split']) == split_key(split)]
       if not keep:
-        available = sorted({row['split'] for row in rows})
+        available = sorted({split_key(row['split']) for row in rows})
         raise DataError(f'{csv_path}: no rows with split {split!r}; '
                         f'available splits: {available}')
+      _log_other_splits(csv_path, split, [row['split'] for row in rows], len(keep))
 
   for i in keep:
     check_relative(rows[i]['filename'], f'{csv_path}: line {lines[i]}')
@@ -242,11 +266,13 @@ def read_store(root, split=None, *, label_columns=()) -> Examples:
       logging.warning('%s has no "split" column; using all %d records for split %r.',
                       where, len(store), split)
     else:
-      column = store.column('split')
-      keep = np.flatnonzero(column == split)
+      values, codes = np.unique(store.column('split'), return_inverse=True)  # a few names
+      keys = np.asarray([split_key(v) for v in values])
+      keep = np.flatnonzero(keys[codes] == split_key(split))
       if not len(keep):
         raise DataError(f'{where}: no records with split {split!r}; available splits: '
-                        f'{sorted(np.unique(column).tolist())}')
+                        f'{sorted(set(keys.tolist()))}')
+      _log_other_splits(where, split, keys[codes], len(keep))
   # Per-row arrays (landmarks, embeddings) stay in the store: read where needed.
   labels = {c: np.asarray(store.column(c)[keep]) for c in names
             if c not in ('filename', 'row') and store.column(c).ndim == 1}

@@ -8,7 +8,7 @@ import numpy as np
 
 from faceflax.data import images, pipeline, records, scut_fbp5500
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, drop_bad_rows, read_folder
+from faceflax.data.folder import Examples, drop_bad_rows, in_split, read_folder
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 SCORE_RANGE = (1.0, 5.0)  # Beauty scores (SCUT-FBP5500's raters), the models' score_range.
@@ -91,8 +91,7 @@ def list_unlabeled_images(dirs, tfds_data_dir=''):
     root = _existing_dir(data_dir)
     if _is_folder_format(root) or records.is_store(root) or records.is_insightface_pack(root):
       examples = read_folder(root)
-      if 'split' in examples.labels:
-        examples = examples.select(examples.labels['split'] == 'train')
+      examples = examples.select(in_split(examples, 'train'))
       found = examples.images
     else:
       found = _images_under(root)

@@ -353,6 +353,16 @@ class Job(stages_lib.StageStates):
           faces, [np.asarray(m, np.float32) for m in maps]), w)
 
 
+def check_data(config, workdir: str) -> None:
+  """Reads (and so checks) every split the listed stages use, before the first one trains."""
+  del workdir
+  names = stages_lib.parse(config.stages, STAGES)
+  if 'train' in names:
+    load_examples(config, config.data.train_split)
+  if 'evaluate' in names:
+    load_examples(config, config.data.eval_split)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   start = time.perf_counter()
   check_config(config)

@@ -29,7 +29,7 @@ from absl import logging
 from faceflax import config_checks, losses, reports
 from faceflax.data import face_regions, pipeline, records
 from faceflax.data.errors import DataError
-from faceflax.data.folder import read_folder
+from faceflax.data.folder import in_split, read_folder
 from faceflax.models import mae
 from faceflax.train import loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
@@ -157,8 +157,7 @@ def load_faces(config, split: str) -> tuple[object, np.ndarray]:
   for entry in dataset_entries(config):
     root = records.dataset_path(entry, config.data.root, config.data.get('tfds_data_dir', ''))
     examples = read_folder(root)
-    if 'split' in examples.labels:
-      examples = examples.select(examples.labels['split'] == split)
+    examples = examples.select(in_split(examples, split))
     if not len(examples):
       raise DataError(f'{root}: no rows with split {split!r}')
     parts.append(examples.images)

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from faceflax import distributed, losses, metrics, reports
 from faceflax.data import align as align_lib, pairs as pairs_lib, pipeline, synthetic
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, load_array, read_folder
+from faceflax.data.folder import Examples, in_split, load_array, read_folder
 from faceflax.models import heads, resnext_cbam
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
@@ -81,7 +81,7 @@ def train_set(config) -> TrainSet:
   everything = read_folder(d.dir, label_columns=(d.identity_column,))
   keep = np.ones(len(everything), bool)
   if 'split' in everything.labels:
-    keep &= everything.labels['split'] == d.train_split
+    keep &= in_split(everything, d.train_split)
   else:
     logging.warning('%s has no split column: training on every row', d.dir)
   if d.drop_noisy and 'id_noisy' in everything.labels:

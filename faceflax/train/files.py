@@ -34,6 +34,25 @@ def check_writable(directory: str, need_bytes: int = 0) -> None:
                        'another --workdir')
 
 
+def check_output_file(path: str, flag: str) -> None:
+  """``path`` can be written as a file (``flag`` names it in errors), checked before the work
+  that produces it: not a folder, its folder writable (created if missing, as the writer
+  would), the file itself (when it exists) writable. Writes no file."""
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    raise WorkdirError(errno.EISDIR, f'{flag}={path} is a folder; name the file to write, '
+                       f'e.g. {os.path.join(path, "scores.csv")}')
+  try:
+    check_writable(os.path.dirname(path))
+    existed = os.path.exists(path)
+    with open(path, 'a'):
+      pass
+    if not existed:
+      os.remove(path)
+  except (OSError, WorkdirError) as e:
+    raise WorkdirError(errno.EACCES, f'{flag}={path} cannot be written: {e}') from e
+
+
 def write_json(path: str, obj) -> None:
   """Writes ``obj`` to ``path`` atomically: a crash or a full disk leaves the old file intact."""
   tmp = f'{path}.tmp-{uuid.uuid4().hex}'

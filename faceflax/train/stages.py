@@ -1,7 +1,10 @@
 """Stage bookkeeping shared by the tasks: which stages to run and where finished ones live."""
+import fnmatch
 import functools
 import json
 import os
+import shutil
+import time
 
 import jax
 from absl import logging
@@ -144,3 +147,71 @@ class StageStates(JobWriter):
     if '_states' not in self.__dict__:
       self._states = {}
     return self._states
+
+
+CONFIG_FILE = 'config.json'
+# Config keys whose change leaves the trained models and their scores as they are (logging,
+# checkpoint cadence, how input is fed, the device mesh, which stages to run or reuse).
+NEUTRAL_KEYS = ('stages', 'reuse_from', 'eval_batch_size', 'train.log_every',
+                'train.checkpoint_every', 'train.keep_checkpoints', 'train.image_every',
+                'data.input', 'data.cache_max_gb', 'data.tfds_data_dir', 'mesh.*')
+
+
+class ConfigChanged(ValueError):
+  """A finished workdir rerun with a config that would change its models or scores."""
+
+
+def _flat_config(config) -> dict:
+  values = json.loads(json.dumps(config.to_dict(), default=str))  # as read back from JSON
+  flat = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        walk(value, f'{prefix}{key}.')
+      else:
+        flat[f'{prefix}{key}'] = value
+  walk(values, '')
+  return flat
+
+
+def config_changes(recorded: dict, config) -> list[str]:
+  """'key: recorded -> now' of every key (but the neutral ones) whose value differs."""
+  now = _flat_config(config)
+  changed = []
+  for key in sorted(set(recorded) | set(now)):
+    if any(fnmatch.fnmatchcase(key, p) for p in NEUTRAL_KEYS):
+      continue
+    before, after = recorded.get(key, '<absent>'), now.get(key, '<absent>')
+    if before != after:
+      changed.append(f'{key}: {before!r} -> {after!r}')
+  return changed
+
+
+def check_config_unchanged(config, workdir: str, allow_change: bool = False) -> None:
+  """Against the config a workdir trained with (``config.json``): a rerun whose config differs
+  in a key that changes the models or their scores is refused, listing the keys, unless
+  ``allow_change`` (``--allow_config_change``): then the earlier results.json and
+  model_facts.json are kept beside the new ones (``*.before-<time>.json``)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      changed = config_changes(json.load(f), config)
+    if changed and not allow_change:
+      raise ConfigChanged(
+          f'{workdir} was trained with another config ({path}); {len(changed)} key(s) differ: '
+          + '; '.join(changed) + '. Use another --workdir, or pass --allow_config_change to '
+          'continue in this one (the earlier results are kept as *.before-<time>.json).')
+    if changed and jax.process_index() == 0:
+      stamp = time.strftime('%Y%m%d-%H%M%S')
+      for name in ('results.json', MODEL_FACTS, CONFIG_FILE):
+        old = os.path.join(workdir, name)
+        if os.path.exists(old):
+          shutil.copy2(old, os.path.join(workdir, f'{name[:-5]}.before-{stamp}.json'))
+      logging.warning('%s: config changed (--allow_config_change): %s', workdir,
+                      '; '.join(changed))
+
+
+def record_config(config, workdir: str) -> None:
+  """Writes the config a workdir trains with (once its data has been checked)."""
+  write_json(os.path.join(workdir, CONFIG_FILE), _flat_config(config))
