@@ -46,7 +46,8 @@ flags.DEFINE_integer('process_id', None, 'This process\'s id in 0..num_processes
 flags.DEFINE_boolean('allow_config_change', False,
                      'train on in a --workdir that was trained with a config that differs in '
                      'what changes the models or their scores (refused by default; the earlier '
-                     'results are kept as *.before-<time>.json).')
+                     'results are kept as *.before-<time>.json); eval / predict / verify with '
+                     'other preprocessing (image size, eval_pp) than the models trained with.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

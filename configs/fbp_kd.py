@@ -43,6 +43,8 @@ def get_config(preset: str = ''):
   )
   c.eval = dict(split='test')  # --mode=eval: scored split ('every row' if no split column)
   c.eval.flip_tta = True  # every score (evaluation, --mode=eval, predict): mean over face + mirror
+  c.eval.partial = False  # --mode=eval: True scores the models that load when another's
+                          # checkpoints are unreadable (else that is an error)
 
   c.teacher = dict(
       # 64 px faces, 16 px patches (4x4 tokens): the stem's convolutions (on a 16x16 map

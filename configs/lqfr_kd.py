@@ -49,6 +49,8 @@ def get_config(preset: str = ''):
   # Verification qualities: 'hq', the side (px) faces are downsampled to and back, or 'x2',
 # 'x4', ...: blurred (sigma factor/2) and bicubic-downsampled by the factor, then back.
   c.eval = dict(qualities='hq,56,28,14', num_folds=10, far=1e-3)
+  c.eval.partial = False  # --mode=eval: True scores the models that load when another's
+                          # checkpoints are unreadable (else that is an error)
 
   model = dict(variant='small', attention=True, dropout=0.0)
   c.teacher = dict(model=dict(model), train=optimizer(600, 32, 2e-3, 50),

@@ -56,7 +56,8 @@ def expected_errors() -> tuple:
 def run(config, workdir: str, mode: str = 'train', input_path: str = '', output: str = '',
         align: str = 'auto', allow_config_change: bool = False):
   """``input_path``, ``output``, ``align``: --mode=predict / verify (README "Use a trained model");
-  ``allow_config_change``: train on in a workdir trained with another config (``stages``)."""
+  ``allow_config_change``: train on in a workdir trained with another config, or score with
+  other preprocessing than the models were trained with (``stages``)."""
   try:
     task = _check_before_work(config, workdir, mode, input_path, output)
   except ValueError as e:  # the checks' ValueErrors are about the config or the flags
@@ -67,10 +68,12 @@ def run(config, workdir: str, mode: str = 'train', input_path: str = '', output:
   logging.info('task=%s mode=%s workdir=%s devices=%d (%s) processes=%d', config.task, mode,
                workdir, jax.device_count(), jax.devices()[0].platform, jax.process_count())
   logging.info('config:\n%s', config)
+  from faceflax.train import stages  # pylint: disable=g-import-not-at-top
   with bad_data.policy(skip=config.data.get('skip_bad', False)):
     config = with_tfds_data(config)
+    if mode != 'train':
+      stages.check_preprocessing_unchanged(config, workdir, allow_config_change)
     if mode == 'train':
-      from faceflax.train import stages  # pylint: disable=g-import-not-at-top
       stages.check_config_unchanged(config, workdir, allow_config_change)
       task.check_data(config, workdir)  # every split read now: bad data fails before training
       stages.record_config(config, workdir)  # the config of what trains here, once it can
@@ -89,6 +92,11 @@ def _check_before_work(config, workdir, mode, input_path, output):
   if not workdir:
     raise ValueError('--workdir is required')
   task = tasks.get(config.task)
+  other = tasks.trained_by(workdir) if mode != 'train' else None
+  if other and other != config.task:
+    raise ValueError(f'--workdir {workdir} holds a {other} run, but --config is for task '
+                     f'{config.task!r}: use configs/{other}.py (with the preset it was trained '
+                     'with) for this workdir')
   if mode in ('predict', 'verify'):
     if not hasattr(task, ENTRY[mode]):
       raise ValueError(f'--mode={mode} is not available for task {config.task!r}'

@@ -128,7 +128,10 @@ def test_empty_split_and_missing_column_are_named(folder):
 @pytest.mark.parametrize('content, message', [
     (b'filename,score,split\n', r'labels\.csv: no rows'),
     (b'name,score\nf0.jpg,1\n', r'labels\.csv: no "filename" column'),
-    (b'filename,score\nf0.jpg,1\n\xff\xfe,2\n', r'labels\.csv: line \d: not UTF-8'),
+    (b'filename,score\nf0.jpg,1\n\xff\xfe,2\n', r'labels\.csv: line 3, byte 1 of the line: not UTF-8'),
+    # far past the first buffer of a text stream: still the line the byte is on
+    (b'filename,score\n' + b'f0.jpg,1\n' * 3000 + b'f1.jpg,caf\xe9\n',
+     r'labels\.csv: line 3002, byte 11 of the line: not UTF-8'),
     (b'filename,score,score\nf0.jpg,1,2\n', r"labels\.csv: line 1: duplicated column\(s\) \['score'\]"),
     (b'filename,score\nf0.jpg,1\nf1.jpg\n', r'labels\.csv: line 3: expected 2 fields'),
 ])
@@ -158,6 +161,54 @@ def test_filenames_escaping_the_image_folder_are_refused(folder, name):
   with bad_data.policy(skip=True):  # a crafted path is never merely skipped
     with pytest.raises(DataError, match='must be a relative path'):
       read_folder(folder, 'train')
+
+
+def test_a_link_out_of_the_dataset_folder_is_refused_unless_allowed(folder, monkeypatch):
+  outside = folder.parent / 'elsewhere'
+  outside.mkdir()
+  (outside / 'x.jpg').write_bytes((folder / 'images' / 'f0.jpg').read_bytes())
+  (folder / 'images' / 'f1.jpg').unlink()
+  (folder / 'images' / 'f1.jpg').symlink_to(outside / 'x.jpg')
+  (folder / 'images' / 'linked').symlink_to(outside)  # a folder on the way counts too
+  _set_line(folder, 4, 'linked/x.jpg,3,train')
+  with pytest.raises(DataError, match=r"line 3: 'f1.jpg' is a link to .*elsewhere/x.jpg, "
+                                      r'outside the dataset folder'):
+    read_folder(folder, 'train')
+  _set_line(folder, 3, 'f2.jpg,3,val')  # f1 gone: the folder link is next
+  with pytest.raises(DataError, match=r"line 4: 'linked/x.jpg' is a link"):
+    read_folder(folder, 'train')
+  monkeypatch.setenv('FACEFLAX_ALLOW_LINKS_OUT', '1')
+  assert len(read_folder(folder, 'train')) == 15
+  (folder / 'images' / 'inside.jpg').symlink_to(folder / 'images' / 'f0.jpg')
+  monkeypatch.delenv('FACEFLAX_ALLOW_LINKS_OUT')
+  _set_line(folder, 4, 'inside.jpg,3,train')  # a link inside the folder is fine
+  assert len(read_folder(folder, 'train')) == 15
+
+
+def test_repeated_files_and_leakage_are_warned_and_counted_in_results(folder, tmp_path):
+  _set_line(folder, 3, 'f0.jpg,1.0,train')  # f0 twice in train, same labels as line 2
+  _set_line(folder, 4, 'f0.jpg,4,train')   # and once more with another score
+  _set_line(folder, 25, 'f5.jpg,3,val')    # f5 is in train (line 7) and in val: leakage
+  with bad_data.policy(skip=False):
+    read_folder(folder, 'train')
+    read_folder(folder, 'train')  # read again: counted once
+    stages.write_results(str(tmp_path / 'results.json'), {'x': 1})
+  warnings = {w['kind']: w for w in json.loads((tmp_path / 'results.json').read_text())['data_warnings']}
+  assert warnings['files listed more than once']['count'] == 2
+  assert warnings['files listed more than once with different labels']['example'] == (
+      'f0.jpg (lines 2 and 4)')
+  leak = warnings["files of split 'train' also listed in another split (leakage between "
+                  'training and evaluation)']
+  assert leak['count'] == 1 and leak['example'] == "f5.jpg (line 25, split 'val')"
+  no_split = folder.parent / 'nosplit'
+  _dataset(no_split, header='filename,score')
+  lines = (no_split / 'labels.csv').read_text().splitlines()
+  (no_split / 'labels.csv').write_text(
+      '\n'.join(lines[:1] + [l.rsplit(',', 1)[0] for l in lines[1:]]) + '\n')
+  with bad_data.policy(skip=False):
+    read_folder(no_split, 'val')
+    kinds = [w['kind'] for w in bad_data.summary()['data_warnings']]
+  assert any('no "split" column' in k for k in kinds)
 
 
 def test_skip_bad_leaves_out_and_counts_every_kind_of_bad_row(folder):

@@ -14,7 +14,7 @@ from clu import metric_writers
 from faceflax import app
 from faceflax.data import DataError
 from faceflax.tasks import fbp_kd
-from faceflax.train import loop, mesh as mesh_lib
+from faceflax.train import checkpoint, loop, mesh as mesh_lib, stages
 from tests import configs_for_tests
 from tests.conftest import REPO, copy_workdir, shared_dataset, xla_flags
 
@@ -125,6 +125,47 @@ def test_main_job_end_to_end_then_eval_mode(fbp_job, tmp_path):
   again = app.run(config, str(tmp_path), mode='eval')
   for who in ('teacher', 'student'):
     np.testing.assert_allclose(again[who]['pc'], saved[who]['pc'], rtol=1e-5)
+
+
+def _garble_step(ckpt_dir, step):
+  for p in (ckpt_dir / str(step) / 'default').rglob('*'):
+    if p.is_file() and '/d/' in str(p):
+      p.write_bytes(os.urandom(len(p.read_bytes())))
+
+
+def test_eval_with_unreadable_checkpoints_fails_or_scores_what_loads(fbp_job, tmp_path, caplog):
+  """--mode=eval: an older step when the newest is damaged (logged, recorded in the JSON);
+  a finished model with no readable step at all is an error unless eval.partial."""
+  config = configs_for_tests.load('fbp_kd', 'test')
+  copy_workdir(fbp_job[0], tmp_path)
+  config.data.dir, config.eval.split = str(tmp_path / 'synthetic_faces'), 'val'
+  student = tmp_path / 'student_kd' / 'ckpt'
+  _garble_step(student, 4)
+  with caplog.at_level('WARNING'):
+    results = app.run(config, str(tmp_path), mode='eval')
+  assert results['restored']['student_kd']['step'] == 2
+  assert results['restored']['teacher_finetune']['step'] == 4
+  assert 'student_kd: restored step 2' in caplog.text and 'the newest (step 4) is unreadable' in caplog.text
+  saved = json.loads((tmp_path / 'eval_synthetic_faces.json').read_text())
+  assert saved['restored']['student_kd']['checkpoint'] == str(student)
+  _garble_step(student, 2)
+  with pytest.raises(checkpoint.CheckpointError, match='eval.partial=True'):
+    app.run(config, str(tmp_path), mode='eval')
+  config.eval.partial = True
+  partial = app.run(config, str(tmp_path), mode='eval')
+  assert 'student' not in partial and np.isfinite(partial['teacher']['pc'])
+  # Scoring other inputs than the models trained on is refused, naming the key.
+  bigger = configs_for_tests.load('fbp_kd', 'test')
+  bigger.data.update(dir=config.data.dir, image_size=48)
+  with pytest.raises(stages.ConfigChanged, match='data.image_size: trained with 32, now 48'):
+    app.run(bigger, str(tmp_path), mode='eval')
+  # The workdir of another task: both named (from config.json, else the stage folders).
+  lqfr = configs_for_tests.load('lqfr_kd', 'test')
+  for _ in range(2):
+    with pytest.raises(ValueError, match=r'holds a fbp_kd run, but --config is for task '
+                                         r"'lqfr_kd': use configs/fbp_kd.py"):
+      app.run(lqfr, str(tmp_path), mode='eval')
+    (tmp_path / 'config.json').unlink(missing_ok=True)
 
 
 def test_real_data_smoke(tmp_path):

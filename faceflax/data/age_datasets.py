@@ -24,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, check_relative, csv_rows, screen_files
+from faceflax.data.folder import (Examples, check_relative, csv_rows, open_text, read_text,
+                                  screen_files)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 MAX_AGE = 116  # UTKFace's range is 0..116; the other datasets lie inside it.
@@ -228,7 +229,7 @@ def read_morph(root, split='train', protocol='random_80_20', *, csv_path=None,
   if not root.is_dir():
     raise DataError(f'no such directory: {root}')
   path = _find_morph_csv(root, csv_path)
-  with open(path, newline='', encoding='utf-8-sig') as f:
+  with open_text(path) as f:
     reader = csv.reader(f)
     header = next(reader, None)
     if not header:
@@ -305,7 +306,7 @@ def adience_age_group(low, high) -> int | None:
 def _read_adience_fold(path, images_dir, image_prefix, paths, labels, skipped):
   if not path.is_file():
     raise DataError(f'no such file: {path}')
-  lines = path.read_text(encoding='utf-8-sig').splitlines()
+  lines = read_text(path).splitlines()
   header = [h.strip() for h in lines[0].split('\t')] if lines else []
   missing = [c for c in _ADIENCE_COLUMNS if c not in header]
   if missing:

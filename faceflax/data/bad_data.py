@@ -24,6 +24,7 @@ _MAX_RECORDED = 20   # Skipped examples named in results.json.
 class _Policy:
   skip: bool = False
   skipped: dict = dataclasses.field(default_factory=dict)  # example -> why, first seen first
+  warnings: dict = dataclasses.field(default_factory=dict)  # (kind, where) -> (count, example)
 
 
 _policy = _Policy()
@@ -71,10 +72,23 @@ def screen(where: str, kind: str, items, whys, *, skippable: bool = True) -> np.
   return keep
 
 
+def warn(kind: str, where: str, count: int, example: str) -> None:
+  """A problem with the data that training can live with but a user should know about
+  (duplicates, leakage between splits): logged once per (kind, where), and in results.json."""
+  if (kind, str(where)) not in _policy.warnings:
+    logging.warning('%s: %d %s, e.g. %s', where, count, kind, example)
+  _policy.warnings[(kind, str(where))] = (int(count), example)
+
+
 def summary() -> dict:
-  """``{'data_skipped': {...}}`` for results.json when skipping is on, else ``{}``."""
+  """For results.json: ``data_skipped`` when skipping is on, ``data_warnings`` when any."""
+  out = {}
+  if _policy.warnings:
+    out['data_warnings'] = [{'kind': kind, 'where': where, 'count': count, 'example': example}
+                            for (kind, where), (count, example) in _policy.warnings.items()]
   if not _policy.skip:
-    return {}
+    return out
   skipped = list(_policy.skipped.items())
-  return {'data_skipped': {'count': len(skipped),
-                           'examples': [f'{item}: {why}' for item, why in skipped[:_MAX_RECORDED]]}}
+  return {**out, 'data_skipped': {
+      'count': len(skipped),
+      'examples': [f'{item}: {why}' for item, why in skipped[:_MAX_RECORDED]]}}

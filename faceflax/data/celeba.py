@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, check_relative, screen_files
+from faceflax.data.folder import Examples, check_relative, read_text, screen_files
 
 SPLITS = ('train', 'val', 'test')  # Partition codes 0, 1, 2.
 # Line 2 of list_attr_celeba.txt: fixed, so that label names are known before reading.
@@ -40,7 +40,7 @@ def _find(root, name):
 def _read_table(path, num_values, skip_lines=0):
   """{image: (where, [values as str])} of a "<image> <values>" list, in file order."""
   table = {}
-  lines = path.read_text(encoding='utf-8-sig').splitlines()
+  lines = read_text(path).splitlines()
   for line_number, line in enumerate(lines[skip_lines:], skip_lines + 1):
     fields = line.split()
     if not fields:
@@ -57,7 +57,7 @@ def _read_table(path, num_values, skip_lines=0):
 
 
 def _attribute_names(path):
-  lines = path.read_text(encoding='utf-8-sig').splitlines()
+  lines = read_text(path).splitlines()
   names = tuple(lines[1].split()) if len(lines) > 1 else ()
   if names != ATTRIBUTES:
     raise DataError(f'{path}: line 2: expected the {len(ATTRIBUTES)} CelebA attribute names '

@@ -13,7 +13,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import csv_rows
+from faceflax.data.folder import csv_rows, open_text
 
 EMOTIONS = ('angry', 'disgust', 'fear', 'happy', 'sad', 'surprise', 'neutral')
 SIZE = 48
@@ -61,7 +61,7 @@ def read_fer2013(csv_path, split=None) -> Iterator[Row]:
     raise DataError(f'unknown FER2013 split {split!r}; valid: {tuple(SPLITS)} or None (all)')
   if not path.is_file():
     raise DataError(f'no such file: {path}')
-  with open(path, newline='', encoding='utf-8-sig') as f:
+  with open_text(path) as f:
     reader = csv.reader(f)
     header = [h.strip().lower() for h in next(reader, [])]
     missing = [c for c in _COLUMNS if c not in header]

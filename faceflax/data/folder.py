@@ -7,7 +7,9 @@ through ``bad_data`` (``config.data.skip_bad``).
 
 import csv
 import dataclasses
+import io
 import math
+import os
 from pathlib import Path, PurePath
 
 from absl import logging
@@ -66,6 +68,24 @@ class Examples:
     return self.paths
 
 
+def read_text(path) -> str:
+  """A UTF-8 text file (a BOM is dropped); bytes that are not UTF-8 are a DataError naming
+  the line and byte they are on (a text stream would report its buffer's line instead)."""
+  data = Path(path).read_bytes()
+  try:
+    return data.decode('utf-8-sig')
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b'\n') + 1
+    column = e.start - (data.rfind(b'\n', 0, e.start) + 1) + 1
+    raise DataError(f'{path}: line {line}, byte {column} of the line: not UTF-8 text '
+                    f'({data[e.start:e.end]!r}; save the file as UTF-8)') from None
+
+
+def open_text(path) -> io.StringIO:
+  """``read_text`` as a stream for ``csv`` (universal newlines kept for its quoting)."""
+  return io.StringIO(read_text(path), newline='')
+
+
 def check_relative(filename, where):
   """Rejects names that are empty, absolute or climb out of the image folder.
 
@@ -76,6 +96,51 @@ def check_relative(filename, where):
   if not filename or '\x00' in filename or path.is_absolute() or '..' in path.parts:
     raise DataError(f'{where}: filename {filename!r} must be a relative path '
                     'inside the image folder')
+
+
+LINKS_OUT_ENV = 'FACEFLAX_ALLOW_LINKS_OUT'  # '1': symlinks may point outside the dataset
+
+
+def check_inside(images_dir: Path, filename: str, where, root_real: str) -> None:
+  """An image (or a folder on its way) that is a symlink resolving outside the dataset folder
+  (``root_real``: its real path) is refused like a '../' name; FACEFLAX_ALLOW_LINKS_OUT=1
+  allows it (a folder that is a farm of links)."""
+  if os.environ.get(LINKS_OUT_ENV) == '1':
+    return
+  target = Path(os.path.realpath(images_dir / filename))
+  if not target.is_relative_to(root_real):
+    raise DataError(f'{where}: {filename!r} is a link to {target}, outside the dataset folder '
+                    f'{images_dir.parent} ({LINKS_OUT_ENV}=1 allows such links)')
+
+
+def _warn_repeats(csv_path, rows, lines, keep, split) -> None:
+  """Warns (log and results.json) about a file listed twice in ``split``, with conflicting
+  labels, or also listed in another split (leakage between training and evaluation)."""
+  first, twice, conflicting = {}, [], []
+  for i in keep:
+    name = rows[i]['filename']
+    if name in first:
+      twice.append(f'{name} (lines {lines[first[name]]} and {lines[i]})')
+      labels = lambda r: {k: v for k, v in r.items() if k != 'filename'}
+      if labels(rows[first[name]]) != labels(rows[i]):
+        conflicting.append(twice[-1])
+    else:
+      first[name] = i
+  if twice:
+    bad_data.warn('files listed more than once', csv_path, len(twice), twice[0])
+  if conflicting:
+    bad_data.warn('files listed more than once with different labels', csv_path,
+                  len(conflicting), conflicting[0])
+  if split is not None and rows and 'split' in rows[0]:
+    elsewhere = {}
+    for i, row in enumerate(rows):
+      if split_key(row['split']) != split_key(split) and row['filename'] in first:
+        elsewhere.setdefault(row['filename'], (lines[i], row['split']))
+    if elsewhere:
+      name, (line, other) = next(iter(elsewhere.items()))
+      bad_data.warn(f'files of split {split_key(split)!r} also listed in another split '
+                    '(leakage between training and evaluation)', csv_path, len(elsewhere),
+                    f'{name} (line {line}, split {other!r})')
 
 
 def csv_rows(reader, path, num_fields):
@@ -157,7 +222,7 @@ def _log_other_splits(where, split, values, kept: int):
 
 def _read_csv(csv_path):
   """Returns (columns, rows, line numbers); line numbers are 1-based, as in an editor."""
-  with open(csv_path, newline='', encoding='utf-8-sig') as f:
+  with open_text(csv_path) as f:
     reader = csv.DictReader(f)
     try:
       columns = reader.fieldnames or []
@@ -173,8 +238,6 @@ def _read_csv(csv_path):
                           f'{len(columns)} fields')
         rows.append(row)
         lines.append(reader.line_num)
-    except UnicodeDecodeError as e:
-      raise DataError(f'{csv_path}: line {reader.line_num + 1}: not UTF-8 text ({e})') from None
     except csv.Error as e:
       raise DataError(f'{csv_path}: line {reader.line_num}: {e}') from None
   if not rows:
@@ -222,8 +285,8 @@ def read_folder(root, split=None, *, label_columns=(), check_files=True) -> Exam
   keep = range(len(rows))
   if split is not None:
     if 'split' not in columns:
-      logging.warning('%s has no "split" column; using all %d rows for split %r.',
-                      csv_path, len(rows), split)
+      bad_data.warn('rows used for every split (no "split" column: a model scored on it is '
+                    'scored on what it trained on)', csv_path, len(rows), f'split {split!r}')
     else:
       keep = [i for i, row in enumerate(rows) if split_key(row['split']) == split_key(split)]
       if not keep:
@@ -232,8 +295,11 @@ def read_folder(root, split=None, *, label_columns=(), check_files=True) -> Exam
                         f'available splits: {available}')
       _log_other_splits(csv_path, split, [row['split'] for row in rows], len(keep))
 
+  root_real = os.path.realpath(root)
   for i in keep:
     check_relative(rows[i]['filename'], f'{csv_path}: line {lines[i]}')
+    check_inside(images_dir, rows[i]['filename'], f'{csv_path}: line {lines[i]}', root_real)
+  _warn_repeats(csv_path, rows, lines, keep, split)
   good = bad_data.screen(str(csv_path), 'bad label value(s)', [f'line {lines[i]}' for i in keep],
                          [_label_problem(rows[i], label_columns) for i in keep])
   keep = [i for i, ok in zip(keep, good) if ok]

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import check_relative
+from faceflax.data.folder import check_relative, open_text
 
 _MAX_LISTED = 5  # How many offending names an error message lists.
 _COLUMNS = (('file_a', 'filename_a'), ('file_b', 'filename_b'), ('same',))
@@ -48,7 +48,7 @@ def read_pairs_csv(path, images_root, *, check_files=True) -> Pairs:
     raise DataError(f'no such file: {path}')
   if check_files and not images_root.is_dir():
     raise DataError(f'no such directory: {images_root}')
-  with open(path, newline='', encoding='utf-8-sig') as f:
+  with open_text(path) as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames
     if not header:

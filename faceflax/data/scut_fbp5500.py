@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import Examples, check_relative, screen_files
+from faceflax.data.folder import Examples, check_relative, read_text, screen_files
 
 PROTOCOLS = ('60_40', 'cv1', 'cv2', 'cv3', 'cv4', 'cv5')
 SPLITS = ('train', 'test')
@@ -59,7 +59,7 @@ def _parse_list(path):
   if not path.is_file():
     raise DataError(f'no such file: {path}')
   entries = []
-  for line_number, line in enumerate(path.read_text(encoding='utf-8-sig').splitlines(), 1):
+  for line_number, line in enumerate(read_text(path).splitlines(), 1):
     fields = line.split()
     if not fields:
       continue

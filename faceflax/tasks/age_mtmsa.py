@@ -392,6 +392,7 @@ def evaluate(config, workdir: str) -> dict:
   name = os.path.basename(os.path.normpath(config.data.dir))
   results = job.evaluate_on(examples, config.eval.split, f'eval_{name}')
   log_results(results, None)
+  results['restored'] = job.restored
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
 

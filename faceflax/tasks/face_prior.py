@@ -304,6 +304,7 @@ def evaluate(config, workdir: str) -> dict:
   job = Job(stages_lib.restore_only(config), workdir)  # load, never train
   results = job.evaluate_on(config.eval.split, f'eval_{config.eval.split}')
   log_results(results, None)
+  results['restored'] = job.restored
   stages_lib.write_results(os.path.join(workdir, f'eval_{config.eval.split}.json'), results)
   return results
 

@@ -457,7 +457,8 @@ class Job(stages_lib.JobWriter):
       else:
         st = self.stage(name, restore_only=True)
         self._cache[name] = stages_lib.load_state(
-            self.workdir, self.config.reuse_from, name, st.init_fn, self.mesh)['params']
+            self.workdir, self.config.reuse_from, name, st.init_fn, self.mesh,
+            self.restored)['params']
     return self._cache[name]
 
   def models(self, require_all: bool = True) -> dict:
@@ -470,7 +471,8 @@ class Job(stages_lib.JobWriter):
       except checkpoint.CheckpointError as e:
         if require_all:
           raise
-        logging.warning('not scoring the %s: %s', who, e)
+        stages_lib.trained_but_unreadable(e, self.workdir, self.config.reuse_from, stage,
+                                          self.config.eval.get('partial', False))
         continue
       out[who] = (model, params['student'] if who == 'student' else params)
     if not out:
@@ -537,6 +539,7 @@ def evaluate(config, workdir: str) -> dict:
   name = os.path.basename(os.path.normpath(config.data.dir))
   _write_reports(workdir, preds, f'eval_{name}', job.writer)
   results['data'] = {'dir': config.data.dir, 'split': config.eval.split, 'n': len(examples)}
+  results['restored'] = job.restored
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   _log_results(None, results)
   return results

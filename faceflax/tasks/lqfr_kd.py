@@ -469,7 +469,8 @@ class Job(stages_lib.StageStates):
       except checkpoint.CheckpointError as e:
         if require_all:
           raise
-        logging.warning('not scoring %s: %s', name, e)
+        stages_lib.trained_but_unreadable(e, self.workdir, self.config.reuse_from, name,
+                                          self.config.eval.get('partial', False))
     if not out:
       raise checkpoint.CheckpointError(f'no trained teacher or student in {self.workdir}')
     return out
@@ -584,6 +585,7 @@ def evaluate(config, workdir: str) -> dict:
   name = os.path.basename(os.path.normpath(config.data.dir))
   results = job.score(models, f'eval_{name}')
   log_table(results, None)
+  results['restored'] = job.restored
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
 

@@ -650,6 +650,8 @@ def run(config, workdir: str, train: bool, filename: str) -> dict:
     results[task] = job.run_task(task, seconds)
     results.update(backbone=job.backbone,
                    seconds={**seconds, 'total_this_run': time.perf_counter() - start})
+    if not train:
+      results['restored'] = job.restored
     stages_lib.write_results(os.path.join(workdir, filename), results)
   table = results_table(results, job.tasks, job.protocols)
   logging.info('transfer benchmark (%s):\n%s', describe_backbone(job.backbone), table)

@@ -154,10 +154,14 @@ def load_params(directory: str, abstract_state, what: str):
   mngr = _open(directory)
   try:
     step, state = restore_latest(mngr, abstract_state)
+    newest = mngr.latest_step()
   finally:
     mngr.close()
   if state is None:
     raise CheckpointError(f'{what}: no readable checkpoint in {directory}')
+  if step != newest:
+    logging.warning('%s: restored step %d of %s, an older one: the newest (step %s) is '
+                    'unreadable', what, step, directory, newest)
   return step, state
 
 

@@ -40,12 +40,16 @@ def stage_dir(workdir: str, reuse_from: str, name: str) -> str:
   return os.path.join(reuse_from, name)
 
 
-def load_state(workdir: str, reuse_from: str, name: str, init_state_fn, mesh) -> dict:
-  """The final train state of a finished stage, replicated over the mesh."""
+def load_state(workdir: str, reuse_from: str, name: str, init_state_fn, mesh,
+               restored: dict | None = None) -> dict:
+  """The final train state of a finished stage, replicated over the mesh; ``restored``
+  gets {name: {'checkpoint': its folder, 'step': the step restored}}."""
   abstract_state = checkpoint.abstract(jax.eval_shape(init_state_fn, jax.random.key(0)),
                                        mesh_lib.replicated(mesh))
-  _, state = checkpoint.load_params(
-      os.path.join(stage_dir(workdir, reuse_from, name), 'ckpt'), abstract_state, name)
+  directory = os.path.join(stage_dir(workdir, reuse_from, name), 'ckpt')
+  step, state = checkpoint.load_params(directory, abstract_state, name)
+  if restored is not None:
+    restored[name] = {'checkpoint': directory, 'step': int(step)}
   return state
 
 
@@ -119,6 +123,23 @@ class JobWriter:
     return metric_writers.create_default_writer(self.workdir,
                                                 just_logging=jax.process_index() > 0)
 
+  @functools.cached_property
+  def restored(self) -> dict:
+    """{stage: checkpoint folder and step} of every stage this job restored (eval JSONs)."""
+    return {}
+
+
+def trained_but_unreadable(error, workdir: str, reuse_from: str, name: str, partial: bool) -> None:
+  """Re-raises ``error`` (a stage's checkpoint could not be restored) when the stage finished
+  training, so its model exists but cannot be read, unless ``partial`` (``eval.partial``:
+  score the models that load); a stage that never trained is only skipped."""
+  finished = loop.is_done(os.path.dirname(stage_dir(workdir, reuse_from, name)), name)
+  if finished and not partial:
+    raise checkpoint.CheckpointError(
+        f'{error} (stage {name} finished training but its checkpoints cannot be read; '
+        '--config.eval.partial=True scores the models that load)') from error
+  logging.warning('not scoring %s: %s', name, error)
+
 
 class StageStates(JobWriter):
   """Mixin for a task's Job: each stage's final state, computed once per job.
@@ -140,7 +161,8 @@ class StageStates(JobWriter):
         states[name] = loop.run(self.stage(name), self.workdir, c.train, self.mesh, self.writer)
       else:
         st = self.stage(name, restore_only=True)
-        states[name] = load_state(self.workdir, c.reuse_from, name, st.init_fn, self.mesh)
+        states[name] = load_state(self.workdir, c.reuse_from, name, st.init_fn, self.mesh,
+                                  self.restored)
     return states[name]
 
   def _stage_states(self) -> dict:
@@ -210,6 +232,30 @@ def check_config_unchanged(config, workdir: str, allow_change: bool = False) -> 
           shutil.copy2(old, os.path.join(workdir, f'{name[:-5]}.before-{stamp}.json'))
       logging.warning('%s: config changed (--allow_config_change): %s', workdir,
                       '; '.join(changed))
+
+
+# What the models' inputs are made of: scoring with other values scores other inputs.
+PREPROCESSING_KEYS = ('data.image_size', 'data.eval_pp', 'backbone.image_size')
+
+
+def check_preprocessing_unchanged(config, workdir: str, allow_change: bool = False) -> None:
+  """--mode=eval / predict / verify: the preprocessing keys must be those the workdir's models
+  were trained with (its config.json), unless ``allow_change`` (``--allow_config_change``)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return  # a workdir from before configs were recorded
+  with open(path) as f:
+    recorded = json.load(f)
+  now = _flat_config(config)
+  changed = [f'{k}: trained with {recorded[k]!r}, now {now.get(k)!r}' for k in PREPROCESSING_KEYS
+             if k in recorded and recorded[k] != now.get(k)]
+  if changed and not allow_change:
+    raise ConfigChanged(f'{workdir}: the models were trained on other inputs ({path}): '
+                        + '; '.join(changed) + '. Score with the training values (drop the '
+                        'override), or pass --allow_config_change to score anyway.')
+  if changed:
+    logging.warning('%s: scoring with other preprocessing (--allow_config_change): %s',
+                    workdir, '; '.join(changed))
 
 
 def record_config(config, workdir: str) -> None:
