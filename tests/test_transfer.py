@@ -256,7 +256,10 @@ def test_end_to_end_then_eval_mode(data_root, fbp_job, transfer_job, tmp_path):
   # Another backbone (here: the same teacher after fine-tuning) must not reuse these
   # fine-tuned stages.
   config.backbone.stage = 'teacher_finetune'
-  with pytest.raises(ValueError, match='another backbone'):
+  with pytest.raises(ValueError, match="backbone.stage: 'teacher_pretrain' -> 'teacher_finetune'"):
+    app.run(config, str(tmp_path))  # the recorded config (W/config.json) refuses it first
+  (tmp_path / 'config.json').unlink()  # a workdir from before configs were recorded:
+  with pytest.raises(ValueError, match='another backbone'):  # backbone.json refuses it
     app.run(config, str(tmp_path))
 
 

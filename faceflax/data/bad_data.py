@@ -25,9 +25,10 @@ class _Policy:
   skip: bool = False
   skipped: dict = dataclasses.field(default_factory=dict)  # example -> why, first seen first
   warnings: dict = dataclasses.field(default_factory=dict)  # (kind, where) -> (count, example)
+  in_run: bool = True  # inside ``policy()`` (a run): warnings are kept for its results.json
 
 
-_policy = _Policy()
+_policy = _Policy(in_run=False)  # outside a run: warnings are only logged
 
 
 @contextlib.contextmanager
@@ -77,7 +78,8 @@ def warn(kind: str, where: str, count: int, example: str) -> None:
   (duplicates, leakage between splits): logged once per (kind, where), and in results.json."""
   if (kind, str(where)) not in _policy.warnings:
     logging.warning('%s: %d %s, e.g. %s', where, count, kind, example)
-  _policy.warnings[(kind, str(where))] = (int(count), example)
+  if _policy.in_run:
+    _policy.warnings[(kind, str(where))] = (int(count), example)
 
 
 def summary() -> dict:
