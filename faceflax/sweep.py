@@ -8,11 +8,14 @@ results into mean +- std and paired differences.
 Each run trains in ``W/<run>`` (``seed0``, ``fold3`` or ``fold3_seed1``) through ``main.py``
 with ``--config.seed=N`` and ``--config.data.cv_fold=K`` (``--fold_flag``), the flags after
 ``--`` appended ('{run}' in them becomes the run's name: an ablation can reuse the stages of
-the same run of another sweep, ``--config.reuse_from=W_OTHER/{run}``). A run whose ``results.json`` exists is not redone and an interrupted one
-resumes from its checkpoints, so rerunning the command finishes the sweep. ``W/sweep.json``
+the same run of another sweep, ``--config.reuse_from=W_OTHER/{run}``). A run whose
+``results.json`` exists is not redone and an interrupted one resumes from its checkpoints,
+so rerunning the command finishes the sweep. ``W/sweep.json``
 then holds, for every number in the runs' ``results.json``, its per-run values, mean and
-sample std; with ``--compare`` (another sweep's workdir with the same runs) also the paired
-difference (this - other) per run, its mean, std and standard error (std / sqrt(n)).
+sample std; ``--differences=A:B`` adds the difference of two metrics within each run (an
+ablation scored in the same results.json), and ``--compare`` (another sweep's workdir with the
+same runs) the paired difference (this - other) of every metric per run: mean, std and
+standard error (std / sqrt(n)).
 """
 import json
 import math
@@ -29,6 +32,9 @@ flags.DEFINE_list('seeds', ['0'], 'seeds to run (each fold with each seed)')
 flags.DEFINE_list('folds', [], 'cross-validation folds to run (none: no fold flag)')
 flags.DEFINE_string('fold_flag', '--config.data.cv_fold', 'the flag that selects a fold')
 flags.DEFINE_string('compare', '', 'another sweep workdir: paired differences per run')
+flags.DEFINE_list('differences', [], 'A:B pairs of metric paths (as in sweep.json): the '
+                  'paired difference A - B within each run, e.g. an ablation scored in the same '
+                  'results.json (student_both/x4/accuracy:student_nokd/x4/accuracy)')
 flags.DEFINE_boolean('aggregate_only', False, 'only aggregate the runs that finished')
 
 
@@ -51,13 +57,21 @@ def summary(values: list[float]) -> dict:
   return {'n': n, 'mean': mean, 'std': std, 'se': std / math.sqrt(n), 'values': values}
 
 
-def aggregate(runs: dict, other: dict | None = None) -> dict:
-  """``runs``: {run name: results}; the metrics every run has, summarised over the runs,
-  and with ``other`` ({run name: results} of another sweep) the paired differences."""
+def aggregate(runs: dict, other: dict | None = None, differences=()) -> dict:
+  """``runs``: {run name: results}; the metrics every run has, summarised over the runs;
+  ``differences``: (A, B) metric paths, A - B within each run; with ``other`` ({run name:
+  results} of another sweep) the paired differences this - other of every metric."""
   per_run = {name: numbers(r) for name, r in runs.items()}
   names = sorted(per_run)
   keys = sorted(set.intersection(*(set(v) for v in per_run.values()))) if per_run else []
   out = {'runs': names, 'metrics': {k: summary([per_run[n][k] for n in names]) for k in keys}}
+  for a, b in differences:
+    missing = [k for k in (a, b) if k not in keys]
+    if missing:
+      raise ValueError(f'--differences={a}:{b}: {missing} not in every run (metrics: '
+                       f'{", ".join(keys[:20])}{", ..." if len(keys) > 20 else ""})')
+    out.setdefault('differences', {})[f'{a} - {b}'] = summary(
+        [per_run[n][a] - per_run[n][b] for n in names])
   if other is not None:
     theirs = {name: numbers(r) for name, r in other.items()}
     paired = [n for n in names if n in theirs]
@@ -115,11 +129,18 @@ def main(argv):
   if not runs:
     raise app.UsageError(f'no finished run in {FLAGS.workdir} (runs: {list(plan)})')
   other = finished_runs(FLAGS.compare) if FLAGS.compare else None
-  result = {'config': FLAGS.config, 'flags': extra, **aggregate(runs, other)}
+  pairs = []
+  for pair in FLAGS.differences:
+    if pair.count(':') != 1:
+      raise app.UsageError(f'--differences entry {pair!r}: expected A:B (two metric paths)')
+    pairs.append(tuple(pair.split(':')))
+  result = {'config': FLAGS.config, 'flags': extra, **aggregate(runs, other, pairs)}
   with open(os.path.join(FLAGS.workdir, 'sweep.json'), 'w') as f:
     json.dump(result, f, indent=1)
   for key, s in result['metrics'].items():
     print(f'{key}: {s["mean"]:.4f} +- {s["std"]:.4f} (n={s["n"]})')
+  for key, s in result.get('differences', {}).items():
+    print(f'{key}: {s["mean"]:+.4f} +- {s["se"]:.4f} (se, n={s["n"]})')
   for key, s in result.get('paired_differences', {}).items():
     print(f'diff {key}: {s["mean"]:+.4f} +- {s["se"]:.4f} (se, n={s["n"]})')
 

@@ -26,6 +26,11 @@ def test_aggregate_matches_numpy():
   assert out['paired_runs'] == ['fold0', 'fold1', 'fold2'] and d['n'] == 3
   np.testing.assert_allclose([d['mean'], d['std'], d['se']],
                              [diff.mean(), diff.std(ddof=1), diff.std(ddof=1) / np.sqrt(3)])
+  within = sweep.aggregate(ours, differences=[('student/pc', 'student/n')])
+  np.testing.assert_allclose(within['differences']['student/pc - student/n']['values'],
+                             values - 330)
+  with pytest.raises(ValueError, match=r"\['teacher/pc'\] not in every run"):
+    sweep.aggregate(ours, differences=[('teacher/pc', 'student/pc')])
   with pytest.raises(ValueError, match='no run in common'):
     sweep.aggregate(ours, {'fold7': {'student': {'pc': 0.5}}})
 
