@@ -133,3 +133,35 @@ def test_accumulating_masked_means_equals_the_big_batch():
     np.testing.assert_allclose(acc_m['loss'], big_m['loss'], rtol=1e-5)
     np.testing.assert_allclose(acc_m['grad_norm'], big_m['grad_norm'], rtol=1e-5)
     assert state_lib.MASKED not in acc_m
+
+
+# ----------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize('dtype, rtol', [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_fused_attention_equals_flax_attention(dtype, rtol):
+  """The MAE's attention through jax.nn.dot_product_attention (the default) against flax's
+  own: same parameters, same outputs and gradients (fp32: float tolerance; bf16: its
+  rounding), for the encoder's tokens and the MAE pretraining loss."""
+  from faceflax.models import mae  # pylint: disable=g-import-not-at-top
+  images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  models = {a: mae.make('test', image_size=32, patch=8, dtype=dtype, attention=a)
+            for a in ('fused', 'flax')}
+  params = models['flax'].init({'params': jax.random.key(1), 'mask': jax.random.key(2)},
+                               images, method=models['flax'].init_all)['params']
+
+  def loss(model, p):
+    out = model.apply({'params': p}, images, method=model.pretrain,
+                      rngs={'mask': jax.random.key(3)})
+    return losses.mae_reconstruction(out['pred'], out['target'], out['mask'])
+
+  tokens = {a: m.apply({'params': params}, images, method=m.tokens)[0] for a, m in models.items()}
+  np.testing.assert_allclose(np.asarray(tokens['fused'], np.float32),
+                             np.asarray(tokens['flax'], np.float32), rtol=rtol, atol=rtol)
+  grads = {a: jax.grad(lambda p, m=m: loss(m, p))(params) for a, m in models.items()}
+  flat = {a: jax.tree.leaves(g) for a, g in grads.items()}
+  # One scale for all: the key biases' gradients are zero in exact arithmetic (softmax
+  # ignores a constant shift), ~1e-10 of rounding in both paths.
+  scale = max(float(jnp.max(jnp.abs(g))) for g in flat['flax'])
+  for fused, ref in zip(flat['fused'], flat['flax']):
+    np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(ref, np.float32),
+                               rtol=rtol * 5, atol=rtol * scale)

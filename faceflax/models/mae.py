@@ -83,19 +83,33 @@ class MlpBlock(nn.Module):
                     kernel_init=_axes(xavier, ('mlp', 'embed'), self.annotate))(x)
 
 
+def fused_attention(query, key, value, mask=None, dtype=None):
+  """softmax(q k^T / sqrt(d)) v through ``jax.nn.dot_product_attention``: cuDNN's fused (flash)
+  kernel on NVIDIA GPUs where it applies, XLA's composition elsewhere; the logits and the
+  softmax in fp32 either way. A drop-in ``attention_fn`` for flax's attention module (no
+  attention-weight dropout: the ViTs here have none)."""
+  out = jax.nn.dot_product_attention(query, key, value, mask=mask)
+  return out.astype(dtype or query.dtype)
+
+
+ATTENTION = {'fused': fused_attention, 'flax': nn.dot_product_attention}
+
+
 class EncoderBlock(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dropout: float = 0.0
   dtype: Any = jnp.float32
   annotate: bool = False
+  attention: str = 'fused'  # 'fused' | 'flax' (flax's own, which materialises the weights)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     y = nn.LayerNorm(dtype=jnp.float32)(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
-        dtype=self.dtype, force_fp32_for_softmax=True)(y, y)
+        dtype=self.dtype, force_fp32_for_softmax=True,
+        attention_fn=ATTENTION[self.attention])(y, y)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
     y = MlpBlock(self.mlp_ratio * x.shape[-1], self.dtype,
                  self.annotate)(nn.LayerNorm(dtype=jnp.float32)(x))
@@ -110,6 +124,7 @@ class Transformer(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   annotate: bool = False
+  attention: str = 'fused'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -117,7 +132,7 @@ class Transformer(nn.Module):
     x = x.astype(jnp.float32)  # the residual stream stays fp32
     for i in range(self.depth):
       x = EncoderBlock(self.num_heads, self.mlp_ratio, self.dropout, self.dtype, self.annotate,
-                       name=f'block{i}')(x, train)
+                       self.attention, name=f'block{i}')(x, train)
       hidden.append(x)
     return nn.LayerNorm(dtype=jnp.float32, name='norm')(x), hidden
 
@@ -181,6 +196,7 @@ class MAE(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32          # compute dtype (config.train.precision)
   annotate: bool = False            # boxed params with logical axes (see param_axes)
+  attention: str = 'fused'          # ATTENTION: 'fused' (jax.nn.dot_product_attention) | 'flax'
 
   @property
   def grid(self) -> int:
@@ -197,14 +213,17 @@ class MAE(nn.Module):
     else:
       raise ValueError(f"model.stem={self.stem!r}: expected 'patch' or 'multiscale'")
     self.pos_embed = sincos_pos_embed(self.grid, self.width)[None]
+    if self.attention not in ATTENTION:
+      raise ValueError(f'model.attention={self.attention!r}: expected one of {sorted(ATTENTION)}')
     self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.dropout,
-                               self.dtype, self.annotate)
+                               self.dtype, self.annotate, self.attention)
     self.head = heads.BinnedScoreHead(self.num_bins, tuple(self.score_range))
     self.decoder_embed = nn.Dense(self.decoder_width, dtype=self.dtype)
     self.mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.decoder_width))
     self.decoder_pos_embed = sincos_pos_embed(self.grid, self.decoder_width)[None]
     self.decoder = Transformer(self.decoder_depth, self.decoder_heads, self.mlp_ratio,
-                               dtype=self.dtype, annotate=self.annotate)
+                               dtype=self.dtype, annotate=self.annotate,
+                               attention=self.attention)
     self.decoder_pred = nn.Dense(self.patch * self.patch * 3, dtype=self.dtype)
 
   def tokens(self, images, train: bool = False):
