@@ -42,6 +42,7 @@ def get_config(preset: str = ''):
                      seed=0),
       image_size=64,               # CPU presets; faces are 112 px chips, the paper uses 112
       train_pp='flip_lr|value_range(-1, 1)',
+      eval_pp='value_range(-1, 1)',  # evaluation, verification and prediction (after any degrade)
       # The student's view: the same face degraded on the fly; the teacher sees 'image'.
       degrade='degrade(resolution=(14, 28, 56, 64), blur=(0.5, 1.5), blur_prob=0.3, '
               'noise=(2.0, 8.0), noise_prob=0.3, jpeg=(30, 90), jpeg_prob=0.3)',

@@ -58,6 +58,8 @@ def run(config, workdir: str, mode: str = 'train', input_path: str = '', output:
   """``input_path``, ``output``, ``align``: --mode=predict / verify (README "Use a trained model");
   ``allow_config_change``: train on in a workdir trained with another config, or score with
   other preprocessing than the models were trained with (``stages``)."""
+  from faceflax.data import ops  # pylint: disable=g-import-not-at-top  # TensorFlow
+  ops.keep_tensorflow_off_accelerators()  # before anything TensorFlow runs
   try:
     task = _check_before_work(config, workdir, mode, input_path, output)
   except ValueError as e:  # the checks' ValueErrors are about the config or the flags

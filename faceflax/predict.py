@@ -92,6 +92,7 @@ class Loader:
   def __init__(self, heads: list[Head], align_mode: str):
     if align_mode not in align_lib.ALIGN_MODES:
       raise ValueError(f'--align={align_mode!r}: expected one of {align_lib.ALIGN_MODES}')
+    ops.keep_tensorflow_off_accelerators()
     self.heads, self.align_mode = heads, align_mode
     self.detector = align_lib.Detector() if align_mode == 'auto' else None
     self.pp = [ops.get_preprocess_fn(f'resize({h.image_size})|{h.pp}') for h in heads]

@@ -135,7 +135,7 @@ def test_losses_are_fp32_for_bf16_inputs():
 def test_mlp_kernels_carry_logical_axes():
   model = mae.make('test', image_size=32, patch=8)
   axes = mae.param_axes(model, 32)
-  params = fbp_kd.init_params(model, jax.random.key(0), 32)
+  params = mae.init_params(model, jax.random.key(0), 32)
   assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(params)
   assert _get(axes, MLP0) == P('embed', 'mlp')
   assert _get(axes, MLP0[:-2] + ('Dense_1', 'kernel')) == P('mlp', 'embed')

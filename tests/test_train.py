@@ -13,6 +13,7 @@ from clu import metric_writers
 
 from faceflax import app
 from faceflax.data import DataError
+from faceflax.models import mae
 from faceflax.tasks import fbp_kd
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, stages
 from tests import configs_for_tests
@@ -232,8 +233,8 @@ def test_output_kd_score_is_the_squared_error_to_the_teacher_score():
 
 
 def test_flip_tta_scores_are_the_mean_over_the_face_and_its_mirror():
-  model = fbp_kd.make_model(configs_for_tests.fbp().teacher.model, 32)
-  params = jax.jit(lambda rng: fbp_kd.init_params(model, rng, 32))(jax.random.key(0))
+  model = mae.from_config(configs_for_tests.fbp().teacher.model, 32)
+  params = jax.jit(lambda rng: mae.init_params(model, rng, 32))(jax.random.key(0))
   kernel = params['head']['dense']['kernel']  # zero-initialised: give the scores some spread
   params['head']['dense']['kernel'] = jax.random.normal(jax.random.key(2), kernel.shape)
   x = np.asarray(jax.random.normal(jax.random.key(1), (3, 32, 32, 3)))

@@ -13,7 +13,8 @@ from PIL import Image
 
 from faceflax import app
 from faceflax.data import synthetic
-from faceflax.tasks import fbp_kd, transfer
+from faceflax.models import mae
+from faceflax.tasks import transfer
 from faceflax.train import checkpoint, mesh as mesh_lib
 from tests import configs_for_tests
 from tests.conftest import REPO, copy_workdir, shared_dataset
@@ -168,7 +169,7 @@ def _save_state(directory, params):
 def test_backbone_params_are_found_in_each_layout(tmp_path, layout):
   config = configs_for_tests.load('transfer', 'test')
   model = transfer.make_backbone(config)
-  saved = fbp_kd.init_params(model, jax.random.key(7), config.backbone.image_size)
+  saved = mae.init_params(model, jax.random.key(7), config.backbone.image_size)
   wrapped = {'mae': {'mae': saved, 'prior': {'w': jnp.ones(3)}},
              'student': {'student': saved, 'projector': {'w': jnp.ones(2)}},
              'plain': saved}[layout]
@@ -182,9 +183,9 @@ def test_backbone_params_are_found_in_each_layout(tmp_path, layout):
 
 def test_mismatched_backbone_model_is_an_error(tmp_path):
   config = configs_for_tests.load('transfer', 'test')
-  other = fbp_kd.make_model(config.backbone.model, 32).clone(width=16)
+  other = mae.from_config(config.backbone.model, 32).clone(width=16)
   _save_state(tmp_path / 'pretrain' / 'ckpt',
-              fbp_kd.init_params(other, jax.random.key(0), 32))
+              mae.init_params(other, jax.random.key(0), 32))
   config.backbone.workdir = str(tmp_path)
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"(?s)'plain' params.*embed/.*kernel: model \(8, 8, 3, 32\), "
@@ -206,7 +207,7 @@ def test_docstring_overrides_build_the_fbp_teacher():
                                   sys_argv=argv)
   flag_values(argv)
   config = flag_values.config
-  teacher = fbp_kd.make_model(configs_for_tests.load('fbp_kd', 'scut').teacher.model, 64)
+  teacher = mae.from_config(configs_for_tests.load('fbp_kd', 'scut').teacher.model, 64)
   model = transfer.make_backbone(config)
   for field in ('width', 'depth', 'num_heads', 'stem', 'patch', 'stem_channels', 'stem_kernels',
                 'stem_stride', 'image_size'):

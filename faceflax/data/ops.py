@@ -19,11 +19,15 @@ from typing import Callable
 
 import tensorflow as tf
 
-# tf.data must never grab accelerator memory: JAX owns the GPUs.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except (RuntimeError, ValueError):  # Devices already initialised.
-  pass
+def keep_tensorflow_off_accelerators() -> None:
+  """tf.data must never grab accelerator memory: JAX owns the GPUs. Called by the entry
+  points that build input pipelines (``pipeline``, ``predict``, ``app.run``) before
+  TensorFlow places anything, not on import; idempotent."""
+  try:
+    if tf.config.get_visible_devices('GPU'):
+      tf.config.set_visible_devices([], 'GPU')
+  except (RuntimeError, ValueError):  # TensorFlow's devices were initialised already.
+    pass
 
 Features = dict[str, tf.Tensor]
 IMAGE_KEYS = ('image', 'image_lq')  # Transformed alike by every op after `degrade`.

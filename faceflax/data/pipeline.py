@@ -408,6 +408,7 @@ def make_train_dataset(images, labels, *, batch_size, pp, seed, start_step=0,
   processes' batches in process order gives the single-process global batch.
   ``mode``: 'cache', 'stream' or 'auto' (module docstring).
   """
+  ops.keep_tensorflow_off_accelerators()
   reader = _Reader(images, labels)
   order = _EpochOrder(reader.num_examples, batch_size, seed, process_index, process_count)
   mode = choose_mode(reader, InputOptions(cache_pp, mode, cache_max_gb))
@@ -495,6 +496,7 @@ def make_eval_dataset(images, labels, *, batch_size, pp, process_index=0,
   ``mode`` 'cache' (or 'auto' and a small split) the decoded images are kept for
   the next pass.
   """
+  ops.keep_tensorflow_off_accelerators()
   reader = _Reader(images, labels)
   num_examples = reader.num_examples
   local_batch = _local_batch_size(batch_size, process_count)

@@ -291,3 +291,26 @@ def make(variant: str, **overrides) -> MAE:
   if variant not in VARIANTS:
     raise ValueError(f'unknown MAE variant {variant!r}; known: {sorted(VARIANTS)}')
   return functools.partial(MAE, **VARIANTS[variant])(**overrides)
+
+
+def from_config(model_config, image_size: int, dtype=jnp.float32) -> MAE:
+  """The MAE of a config's model dict (``variant`` + field overrides) at ``image_size``;
+  ``dtype``: the compute dtype (``precision.compute_dtype(config.train)``)."""
+  kwargs = {k: v for k, v in model_config.to_dict().items() if k != 'variant'}
+  return make(model_config.variant, image_size=image_size, dtype=dtype, **kwargs)
+
+
+def init_params(model: MAE, rng, image_size: int):
+  """Every parameter of ``model`` (encoder, head and decoder)."""
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  rngs = {'params': rng, 'mask': jax.random.fold_in(rng, 1), 'dropout': jax.random.fold_in(rng, 2)}
+  return model.init(rngs, x, method=model.init_all)['params']
+
+
+def layer_id(path: str, depth: int) -> int:
+  """Layer index for layer-wise lr decay: stem 0, block i -> i + 1, head depth + 1."""
+  if path.startswith('embed') or 'mask_token' in path:
+    return 0
+  if path.startswith('encoder/block'):
+    return int(path.split('/')[1][len('block'):]) + 1
+  return depth + 1

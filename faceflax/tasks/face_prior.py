@@ -61,9 +61,8 @@ def check_config(config) -> None:
 
 
 def make_model(config) -> mae.MAE:
-  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'variant'}
-  return mae.make(config.model.variant, image_size=config.data.image_size,
-                  dtype=precision.compute_dtype(config.train), **kwargs)
+  return mae.from_config(config.model, config.data.image_size,
+                         precision.compute_dtype(config.train))
 
 
 def init_params(model: mae.MAE, heads: PriorHeads, rng, size: int) -> dict:

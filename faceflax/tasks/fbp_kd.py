@@ -32,27 +32,6 @@ STAGES = ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_k
 
 # ----------------------------------------------------------------------------- models
 
-def make_model(model_config, image_size: int, dtype=jnp.float32) -> mae.MAE:
-  """``dtype``: compute dtype (``precision.compute_dtype(config.train)``)."""
-  kwargs = {k: v for k, v in model_config.to_dict().items() if k != 'variant'}
-  return mae.make(model_config.variant, image_size=image_size, dtype=dtype, **kwargs)
-
-
-def init_params(model: mae.MAE, rng, image_size: int):
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  rngs = {'params': rng, 'mask': jax.random.fold_in(rng, 1), 'dropout': jax.random.fold_in(rng, 2)}
-  return model.init(rngs, x, method=model.init_all)['params']
-
-
-def layer_id(path: str, depth: int) -> int:
-  """Layer index for layer-wise lr decay: stem 0, block i -> i + 1, head depth + 1."""
-  if path.startswith('embed') or 'mask_token' in path:
-    return 0
-  if path.startswith('encoder/block'):
-    return int(path.split('/')[1][len('block'):]) + 1
-  return depth + 1
-
-
 class FeatureProjector(nn.Module):
   """Maps student tokens to the teacher's width for feature distillation."""
   widths: tuple
@@ -109,7 +88,7 @@ def pretrain_stage(name, model, cfg, paths, config) -> loop.Stage:
   size = config.data.image_size
 
   def init_fn(rng):
-    params = init_params(model, rng, size)
+    params = mae.init_params(model, rng, size)
     return state_lib.init_state(params, tx)
 
   tx, sched = optim.adamw(cfg, cfg.steps)
@@ -133,11 +112,11 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
   loaded = {}
 
   def init_params_fn(rng):
-    return load_pretrained(init_params(model, rng, size), pretrained, cfg, loaded)
+    return load_pretrained(mae.init_params(model, rng, size), pretrained, cfg, loaded)
 
   template = jax.eval_shape(init_params_fn, jax.random.key(0))  # a misfit fails here
   tx, sched = optim.adamw(cfg, cfg.steps, template,
-                          functools.partial(layer_id, depth=model.depth), model.depth + 1)
+                          functools.partial(mae.layer_id, depth=model.depth), model.depth + 1)
   init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx)
 
   def loss_fn(params, batch, rng):
@@ -230,14 +209,14 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
   loaded = {}
 
   def init_params_fn(rng):
-    params = load_pretrained(init_params(student, rng, size), pretrained, cfg, loaded)
+    params = load_pretrained(mae.init_params(student, rng, size), pretrained, cfg, loaded)
     tokens = [jnp.zeros((1, teacher.grid ** 2, student.width))] * len(pairs)
     return {'student': params,
             'projector': projector.init(jax.random.fold_in(rng, 3), tokens)['params']}
 
   def kd_layer_id(path):  # the projector trains at the head's rate
     if path.startswith('student/'):
-      return layer_id(path[len('student/'):], student.depth)
+      return mae.layer_id(path[len('student/'):], student.depth)
     return student.depth + 1
 
   template = jax.eval_shape(init_params_fn, jax.random.key(0))
@@ -366,7 +345,7 @@ def check_config(config) -> None:
   fold = config.data.get('cv_fold', 0)
   if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
     raise ValueError(f'data.cv_fold={fold!r}: expected 0 (off) or a fold number >= 1')
-  teacher, student = (make_model(config[who].model, config.data.image_size)
+  teacher, student = (mae.from_config(config[who].model, config.data.image_size)
                       for who in ('teacher', 'student'))
   config_checks.check_mae(teacher, 'teacher.model')
   config_checks.check_mae(student, 'student.model')
@@ -401,8 +380,8 @@ class Job(stages_lib.JobWriter):
     self.config, self.workdir = config, workdir
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     size, dtype = config.data.image_size, precision.compute_dtype(config.train)
-    self.teacher = make_model(config.teacher.model, size, dtype)
-    self.student = make_model(config.student.model, size, dtype)
+    self.teacher = mae.from_config(config.teacher.model, size, dtype)
+    self.student = mae.from_config(config.student.model, size, dtype)
     self._cache = {}
 
   def stage(self, name, restore_only: bool = False) -> loop.Stage:

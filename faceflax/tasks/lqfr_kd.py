@@ -284,15 +284,16 @@ def qualities(config) -> list[str]:
   return out
 
 
-def quality_pp(quality: str, size: int) -> str:
-  """The eval preprocessing of one ``qualities`` entry (the degraded view is 'image_lq')."""
+def quality_pp(quality: str, size: int, eval_pp: str) -> str:
+  """The eval preprocessing of one ``qualities`` entry: its degradation (the degraded view
+  is 'image_lq'), then ``eval_pp`` (``data.eval_pp``, as every evaluation and prediction)."""
   if quality == 'hq':
-    return 'value_range(-1, 1)'
+    return eval_pp
   if quality.isdigit():
-    return f'degrade(resolution={int(quality)})|value_range(-1, 1)'
+    return f'degrade(resolution={int(quality)})|{eval_pp}'
   factor = int(quality[1:])
   return (f'degrade(resolution={max(1, size // factor)}, blur={factor / 2}, '
-          "downsample='bicubic')|value_range(-1, 1)")
+          f"downsample='bicubic')|{eval_pp}")
 
 
 def embedding_fn(model, mesh):
@@ -312,7 +313,7 @@ def embed(model, variables, paths, config, mesh, quality: str, forward=None) -> 
   bs = config.eval_batch_size
   mesh_lib.check_batch_size(bs, 'eval_batch_size')
   key = 'image' if quality == 'hq' else 'image_lq'
-  pp = quality_pp(quality, config.data.image_size)
+  pp = quality_pp(quality, config.data.image_size, config.data.eval_pp)
   forward = forward or embedding_fn(model, mesh)
   ds = pipeline.make_eval_dataset(paths, {}, batch_size=bs, pp=pp,
                                   cache_pp=pipeline.cache_pp(config),
@@ -511,7 +512,7 @@ class Job(stages_lib.StageStates):
     w = self.writer
     reports.save(self.workdir, f'{prefix}_roc', reports.roc_image(
         [f for f, _ in rocs.values()], [t for _, t in rocs.values()], list(rocs), prefix), w)
-    faces = reports.probe_faces(paths, 'value_range(-1, 1)', pipeline.cache_pp(self.config))
+    faces = reports.probe_faces(paths, self.config.data.eval_pp, pipeline.cache_pp(self.config))
     maps = model.apply(variables, jnp.asarray(faces))['spatial_attention']
     if maps:  # none with model.attention=False
       reports.save(self.workdir, f'{prefix}_cbam_attention', reports.attention_overlay(
@@ -607,7 +608,7 @@ def embedding_head(config, job: Job, models: dict):
       out[name], out[f'{name}_norm'] = e / np.maximum(norm, 1e-12)[:, None], norm
     return out
   return predict_lib.Head(forward, config.data.image_size,
-                          job.facts.get('dataset', config.data.dir))
+                          job.facts.get('dataset', config.data.dir), config.data.eval_pp)
 
 
 def predict_photos(config, workdir: str, input_path: str, output: str,

@@ -36,7 +36,6 @@ from faceflax.data import align as align_lib, pipeline, records
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, drop_bad_rows, read_folder
 from faceflax.models import mae
-from faceflax.tasks import fbp_kd
 from faceflax.train import checkpoint, evaluation, loop, mesh as mesh_lib, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
 
@@ -181,7 +180,7 @@ def load_task(config, name: str) -> TaskData:
 # ----------------------------------------------------------------------------- backbone
 
 def make_backbone(config) -> mae.MAE:
-  return fbp_kd.make_model(config.backbone.model, config.backbone.image_size,
+  return mae.from_config(config.backbone.model, config.backbone.image_size,
                            precision.compute_dtype(config.train))
 
 
@@ -197,7 +196,7 @@ def load_backbone(config, mesh) -> tuple[mae.MAE, dict, dict]:
   """(model, MAE params, report); a model that does not fit the checkpoint is an error."""
   b = config.backbone
   model = make_backbone(config)
-  params = fbp_kd.init_params(model, jax.random.key(config.seed), b.image_size)  # eager: cached ops
+  params = mae.init_params(model, jax.random.key(config.seed), b.image_size)  # eager: cached ops
   report = {'workdir': b.workdir, 'stage': b.stage if b.workdir else '',
             'model': b.model.to_dict(), 'image_size': b.image_size, 'feature_dim': model.width,
             'encoder_params': loop.count_params(
@@ -494,13 +493,13 @@ def finetune_stage(name, model: mae.MAE, spec: TaskSpec, out_dim: int, data: Tas
 
   def init_params_fn(rng):
     # ``pretrained`` is a complete MAE tree (load_backbone): no second backbone init.
-    params = fbp_kd.init_params(model, rng, size) if pretrained is None else pretrained
+    params = mae.init_params(model, rng, size) if pretrained is None else pretrained
     head = head_module(out_dim).init(rng, jnp.zeros((1, model.width)))['params']
     return {'backbone': params, 'head': head}
 
   def layer(path):  # the head trains at the top rate, like fbp_kd's score head
     if path.startswith('backbone/'):
-      return fbp_kd.layer_id(path[len('backbone/'):], model.depth)
+      return mae.layer_id(path[len('backbone/'):], model.depth)
     return model.depth + 1
 
   template = jax.eval_shape(init_params_fn, jax.random.key(0))

@@ -11,6 +11,7 @@ What happens when a checkpoint is not what it should be (README "Failure behavio
 - a save that fails raises CheckpointError naming the step: the steps already
   saved stay as they were.
 """
+import functools
 import os
 import shutil
 import time
@@ -23,12 +24,16 @@ from jax.experimental import multihost_utils
 UNREADABLE_DIR = 'ckpt_unreadable'  # beside ckpt/: unreadable steps moved aside by training
 _MAX_LISTED = 10
 
-# On CPU Orbax defaults to replica-parallel saving: every replicated array is cut on
-# device into one slice per replica, each cut an eager op compiled for its shape (most
-# of a small job's save time on 8 simulated devices). Replica 0 writing whole arrays is
-# what a data-parallel state needs.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+@functools.cache
+def _whole_arrays_on_cpu() -> None:
+  """On CPU Orbax defaults to replica-parallel saving: every replicated array is cut on
+  device into one slice per replica, each cut an eager op compiled for its shape (most of a
+  small job's save time on 8 simulated devices); replica 0 writing whole arrays is what a
+  data-parallel state needs. Accelerators keep Orbax's default. Called when a checkpoint
+  manager opens, not on import."""
+  if jax.default_backend() == 'cpu':
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 class CheckpointError(RuntimeError):
@@ -36,6 +41,7 @@ class CheckpointError(RuntimeError):
 
 
 def _open(directory: str, options=None) -> ocp.CheckpointManager:
+  _whole_arrays_on_cpu()
   # The handler lets item_metadata read a step's tree before restoring it.
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
