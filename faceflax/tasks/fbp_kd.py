@@ -502,7 +502,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['pretrained'] = stages_lib.loaded(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
-  _log_results(job.writer, results)
+  log_results(results, job.writer)
   stages_lib.write_results(os.path.join(workdir, 'results.json'), results)
   return results
 
@@ -520,7 +520,7 @@ def evaluate(config, workdir: str) -> dict:
   results['data'] = {'dir': config.data.dir, 'split': config.eval.split, 'n': len(examples)}
   results['restored'] = job.restored
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
-  _log_results(None, results)
+  log_results(results, None)
   return results
 
 
@@ -545,7 +545,8 @@ def _write_reports(workdir, preds, prefix, writer):
                  reports.scatter(pred, target, f'{who}: predicted vs true beauty ({prefix})'), writer)
 
 
-def _log_results(writer, results):
+def log_results(results: dict, writer) -> None:
+  """The scores in the log and (with a writer) in TensorBoard."""
   for who in ('teacher', 'student'):
     if who not in results:
       continue

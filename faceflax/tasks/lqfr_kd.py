@@ -565,7 +565,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = job.score(models, 'eval')
   results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
   results['wall_seconds_this_run'] = time.perf_counter() - start
-  log_table(results, job.writer)
+  log_results(results, job.writer)
   stages_lib.write_results(os.path.join(workdir, 'results.json'), results)
   return results
 
@@ -585,7 +585,7 @@ def evaluate(config, workdir: str) -> dict:
   job, models = trained(config, workdir)
   name = os.path.basename(os.path.normpath(config.data.dir))
   results = job.score(models, f'eval_{name}')
-  log_table(results, None)
+  log_results(results, None)
   results['restored'] = job.restored
   stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
   return results
@@ -667,7 +667,7 @@ def verify(config, workdir: str, input_path: str, align: str = 'auto') -> dict:
   return results
 
 
-def log_table(results: dict, writer) -> None:
+def log_results(results: dict, writer) -> None:
   for name, r in results.items():
     if not isinstance(r, dict) or not any(isinstance(v, dict) and 'accuracy' in v
                                           for v in r.values()):

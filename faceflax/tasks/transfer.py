@@ -657,7 +657,7 @@ def run(config, workdir: str, train: bool, filename: str) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, os.path.splitext(filename)[0] + '.md'), 'w') as f:
       f.write(f'Backbone: {describe_backbone(job.backbone)}\n\n{table}\n')
-  _write_scalars(job.writer, results, job.tasks)
+  log_results(results, job.writer, job.tasks)
   return results
 
 
@@ -791,7 +791,8 @@ def results_table(results: dict, tasks, protocols) -> str:
   return '\n'.join(lines)
 
 
-def _write_scalars(writer, results: dict, tasks) -> None:
+def log_results(results: dict, writer, tasks) -> None:
+  """The headline metric of every task and protocol in TensorBoard (the log has the table)."""
   scalars = {f'transfer/{t}/{p}_{TASKS[t].metric}': r[TASKS[t].metric]
              for t in tasks for p, r in results[t].items() if TASKS[t].metric in r}
   writer.write_scalars(0, scalars)
