@@ -356,11 +356,9 @@ class Job(stages_lib.StageStates):
 def check_data(config, workdir: str) -> None:
   """Reads (and so checks) every split the listed stages use, before the first one trains."""
   del workdir
-  names = stages_lib.parse(config.stages, STAGES)
-  if 'train' in names:
-    load_examples(config, config.data.train_split)
-  if 'evaluate' in names:
-    load_examples(config, config.data.eval_split)
+  stages_lib.read_listed(config, STAGES, {
+      'train': lambda: load_examples(config, config.data.train_split),
+      'evaluate': lambda: load_examples(config, config.data.eval_split)})
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -272,11 +272,9 @@ class Job(stages_lib.StageStates):
 def check_data(config, workdir: str) -> None:
   """Reads (and so checks) the pretraining and evaluation faces before anything trains."""
   del workdir
-  names = stages_lib.parse(config.stages, STAGES)
-  if 'pretrain' in names:
-    load_faces(config, config.data.train_split)
-  if 'evaluate' in names:
-    load_faces(config, config.data.eval_split)
+  stages_lib.read_listed(config, STAGES, {
+      'pretrain': lambda: load_faces(config, config.data.train_split),
+      'evaluate': lambda: load_faces(config, config.data.eval_split)})
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -53,6 +53,15 @@ def load_state(workdir: str, reuse_from: str, name: str, init_state_fn, mesh,
   return state
 
 
+def read_listed(config, known, reads: dict) -> None:
+  """A task's ``check_data``: ``reads[stage]()`` for each listed stage, so that every split
+  the run uses is read (and so checked) before the first stage trains."""
+  names = parse(config.stages, known)
+  for stage, read in reads.items():
+    if stage in names:
+      read()
+
+
 def _done_facts(workdir: str, reuse_from: str, names, key: str) -> dict:
   """``key`` of each finished stage's done marker, where it has one."""
   out = {}
