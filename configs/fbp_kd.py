@@ -60,8 +60,10 @@ def get_config(preset: str = ''):
       # stays on the mean-score plateau (gradient norm -> 0.01; README "Known problems").
       # reinit: comma-separated patterns ('head/*') of parameters that may keep their init
       # when the pretrained stage lacks them or has another shape; any other misfit is an error.
+      # mixup: Beta(a, a) mixing of faces and scores in the step (0 = off); ema_decay: the
+      # stage hands on an exponential moving average of its weights (0 = the last weights).
       finetune=optimizer(500, 64, 3e-4, 50, layer_decay=0.9, loss='mse', from_pretrained=True,
-                         reinit='', ld_weight=1.0, ld_sigma=0.5),
+                         reinit='', ld_weight=1.0, ld_sigma=0.5, mixup=0.0, ema_decay=0.0),
   )
   c.student = dict(
       # Plain 8 px patches (8x8 tokens); feature KD pools them to the teacher's 4x4 grid.
@@ -71,7 +73,7 @@ def get_config(preset: str = ''):
       kd=optimizer(400, 64, 3e-4, 40, layer_decay=0.9, loss='mse', from_pretrained=True,
                    reinit='', ld_weight=1.0, ld_sigma=0.5,
                    alpha=1.0, beta=1.0, output_kd='kl', temperature=2.0, feature_pairs='-1:-1',
-                   unlabeled_batch_size=0),
+                   unlabeled_batch_size=0, mixup=0.0, ema_decay=0.0),
   )
   c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, image_every=500)
   c.train.seed = c.get_ref('seed')  # init, dropout and masking follow --config.seed

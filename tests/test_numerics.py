@@ -165,3 +165,43 @@ def test_fused_attention_equals_flax_attention(dtype, rtol):
   for fused, ref in zip(flat['fused'], flat['flax']):
     np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(ref, np.float32),
                                rtol=rtol * 5, atol=rtol * scale)
+
+
+# ----------------------------------------------------------------------------- EMA, mixup
+
+def test_weight_ema_follows_the_numpy_recursion():
+  """Plain SGD on a quadratic, 5 steps: ema_params is the warmed-up exponential average."""
+  tx = optax.sgd(0.1)
+  loss_fn = lambda p, batch, rng: (jnp.sum((p['w'] - batch['x']) ** 2), {})
+  update = jax.jit(state_lib.make_update(loss_fn, tx, ema_decay=0.9))
+  state = state_lib.init_state({'w': jnp.array([1.0, -2.0])}, tx, ema=True)
+  x = np.array([0.5, 0.5], np.float32)
+  w, ema = np.array([1.0, -2.0]), np.array([1.0, -2.0])
+  for t in range(5):
+    state, _ = update(state, {'x': x}, jax.random.key(0))
+    w = w - 0.1 * 2 * (w - x)
+    d = min(0.9, (1 + t) / (10 + t))
+    ema = d * ema + (1 - d) * w
+  np.testing.assert_allclose(state['params']['w'], w, rtol=1e-6)
+  np.testing.assert_allclose(state['ema_params']['w'], ema, rtol=1e-6)
+  np.testing.assert_array_equal(state_lib.trained_params(state)['w'], state['ema_params']['w'])
+  assert state_lib.trained_params({'params': 1}) == 1  # no EMA: the last weights
+
+
+def test_mixup_mixes_images_and_targets_with_one_weight_per_row():
+  from faceflax.train import mixing
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(6, 4, 4, 3)).astype(np.float32),
+           'score': rng.normal(size=(6,)).astype(np.float32),
+           'has_label': np.array([1, 1, 0, 1, 1, 1], np.float32),
+           'id': np.arange(6, dtype=np.int32)}
+  out = jax.tree.map(np.asarray, mixing.mixup(jax.random.key(3), batch, 0.4,
+                                              weight_keys=('has_label',)))
+  prev = lambda x: np.roll(x, 1, axis=0)
+  # Each row's weight, read off its score, mixes its image the same way.
+  lam = (out['score'] - prev(batch['score'])) / (batch['score'] - prev(batch['score']))
+  assert np.all((lam >= 0.5 - 1e-5) & (lam <= 1 + 1e-5)) and np.ptp(lam) > 0
+  want = lam[:, None, None, None] * batch['image'] + (1 - lam[:, None, None, None]) * prev(batch['image'])
+  np.testing.assert_allclose(out['image'], want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(out['has_label'], [1, 1, 0, 0, 1, 1])  # row 3 mixes in row 2
+  np.testing.assert_array_equal(out['id'], batch['id'])  # integers are left alone

@@ -245,3 +245,17 @@ def test_flip_tta_scores_are_the_mean_over_the_face_and_its_mirror():
   assert not np.allclose(mirrored, one(x))  # a random model is not mirror-symmetric
   np.testing.assert_allclose(jax.jit(fbp_kd.score_fn(model, True))(params, x),
                              (one(x) + mirrored) / 2, rtol=1e-5)
+
+
+def test_finetune_with_ema_and_mixup_hands_on_the_average(tmp_path):
+  config = configs_for_tests.fbp()
+  config.teacher.finetune.update(ema_decay=0.5, mixup=0.4)
+  state = _run_finetune(tmp_path, config)
+  diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state['params'],
+                      state['ema_params'])
+  assert max(jax.tree.leaves(diff)) > 0
+  job = fbp_kd.Job(config, str(tmp_path))  # a later stage gets the average (from the checkpoint)
+  jax.tree.map(np.testing.assert_array_equal, job.params('teacher_finetune'), state['ema_params'])
+  config.student.kd.ema_decay = 1.0
+  with pytest.raises(ValueError, match='student.kd.ema_decay=1.0'):
+    fbp_kd.check_config(config)

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from faceflax import config_checks, distributed, losses, metrics, reports
 from faceflax.data import align as align_lib, pipeline, sources, synthetic
 from faceflax.models import mae
-from faceflax.train import checkpoint, loop, mesh as mesh_lib, optim, precision
+from faceflax.train import checkpoint, loop, mesh as mesh_lib, mixing, optim, precision
 from faceflax.train import stages as stages_lib, state as state_lib
 
 STAGES = ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_kd', 'evaluate')
@@ -117,9 +117,10 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
   template = jax.eval_shape(init_params_fn, jax.random.key(0))  # a misfit fails here
   tx, sched = optim.adamw(cfg, cfg.steps, template,
                           functools.partial(mae.layer_id, depth=model.depth), model.depth + 1)
-  init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx)
+  init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx, ema=bool(cfg.ema_decay))
 
   def loss_fn(params, batch, rng):
+    batch = mix(cfg, batch, rng)
     out = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
     return score_terms(model, cfg, out, batch['score'])
 
@@ -127,8 +128,15 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
       config, examples.images, {'score': examples.labels['score']}, cfg.batch_size, config.seed + 1)
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
-      update_fn=state_lib.make_update(loss_fn, tx), schedule=sched, batches=batches,
+      update_fn=state_lib.make_update(loss_fn, tx, cfg.ema_decay), schedule=sched, batches=batches,
       param_axes=mae.param_axes(model, size), tx=tx, loaded=loaded)
+
+
+def mix(cfg, batch, rng):
+  """``cfg.mixup`` > 0: mixup of the batch's faces and scores (``has_label`` multiplied)."""
+  if not cfg.mixup:
+    return batch
+  return mixing.mixup(jax.random.fold_in(rng, 7), batch, cfg.mixup, weight_keys=('has_label',))
 
 
 def load_pretrained(params, pretrained, cfg, loaded: dict):
@@ -221,9 +229,10 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
 
   template = jax.eval_shape(init_params_fn, jax.random.key(0))
   tx, sched = optim.adamw(cfg, cfg.steps, template, kd_layer_id, student.depth + 1)
-  init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx)
+  init_fn = lambda rng: state_lib.init_state(init_params_fn(rng), tx, ema=bool(cfg.ema_decay))
 
   def loss_fn(params, batch, rng, teacher_params):
+    batch = mix(cfg, batch, rng)  # the teacher scores the mixed faces too (function matching)
     images = batch['image']
     t_out = teacher.apply({'params': jax.lax.stop_gradient(teacher_params)}, images)
     s_out = student.apply({'params': params['student']}, images, train=True,
@@ -243,7 +252,7 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
   return loop.Stage(
       name=name, num_steps=cfg.steps,
       batch_size=cfg.batch_size + (cfg.unlabeled_batch_size if unlabeled else 0),
-      init_fn=init_fn, update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
+      init_fn=init_fn, update_fn=state_lib.make_update(loss_fn, tx, cfg.ema_decay), schedule=sched,
       batches=None if examples is None else kd_batches(cfg, examples, unlabeled, config),
       consts=(teacher_params,), tx=tx, loaded=loaded,
       param_axes={'student': mae.param_axes(student, size),
@@ -354,6 +363,11 @@ def check_config(config) -> None:
                      f'wider and no deeper than teacher.model (width {teacher.width}, depth '
                      f'{teacher.depth}): the student is the distilled, smaller model')
   kd = config.student.kd
+  for where, cfg in (('teacher.finetune', config.teacher.finetune), ('student.kd', kd)):
+    if not 0 <= cfg.ema_decay < 1:
+      raise ValueError(f'{where}.ema_decay={cfg.ema_decay!r}: expected 0 (off) or in (0, 1)')
+    if cfg.mixup < 0:
+      raise ValueError(f'{where}.mixup={cfg.mixup!r}: expected 0 (off) or a Beta alpha > 0')
   pairs = kd_pairs(kd, student, teacher)
   if kd.output_kd not in ('kl', 'score'):
     raise ValueError(f"student.kd.output_kd={kd.output_kd!r}: expected 'kl' or 'score'")
@@ -431,13 +445,12 @@ class Job(stages_lib.JobWriter):
     """Final params of a stage: run it if it is listed, else load its checkpoint."""
     if name not in self._cache:
       if name in parse_stages(self.config) and not loop.is_done(self.workdir, name):
-        self._cache[name] = loop.run(self.stage(name), self.workdir, self.config.train,
-                                     self.mesh, self.writer)['params']
+        self._cache[name] = state_lib.trained_params(loop.run(
+            self.stage(name), self.workdir, self.config.train, self.mesh, self.writer))
       else:
         st = self.stage(name, restore_only=True)
-        self._cache[name] = stages_lib.load_state(
-            self.workdir, self.config.reuse_from, name, st.init_fn, self.mesh,
-            self.restored)['params']
+        self._cache[name] = state_lib.trained_params(stages_lib.load_state(
+            self.workdir, self.config.reuse_from, name, st.init_fn, self.mesh, self.restored))
     return self._cache[name]
 
   def models(self, require_all: bool = True) -> dict:

@@ -78,6 +78,8 @@ def state_shardings(abstract_state, mesh: Mesh, param_axes=None, tx=None,
   params = nn.logical_to_mesh_sharding(param_axes, mesh, rules)
   masked = lambda x: isinstance(x, optax.MaskedNode)  # multi_transform's unused slots
   out['params'] = params
+  if 'ema_params' in out:
+    out['ema_params'] = params
   out['opt_state'] = optax.tree_utils.tree_map_params(
       tx, lambda v, s: v if masked(v) else s, abstract_state['opt_state'], params,
       transform_non_params=lambda _: repl, is_leaf=masked)

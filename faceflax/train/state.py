@@ -8,12 +8,28 @@ import optax
 from flax import traverse_util
 
 
-def init_state(params, tx: optax.GradientTransformation, model_state=None) -> dict:
-  """``model_state``: non-trained variables such as BatchNorm statistics."""
+def init_state(params, tx: optax.GradientTransformation, model_state=None,
+               ema: bool = False) -> dict:
+  """``model_state``: non-trained variables such as BatchNorm statistics; ``ema``: keep an
+  exponential moving average of the parameters (``make_update``'s ``ema_decay``)."""
   state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   if model_state is not None:
     state['model_state'] = model_state
+  if ema:
+    state['ema_params'] = jax.tree.map(jnp.copy, params)
   return state
+
+
+def trained_params(state: dict):
+  """The parameters a finished stage hands on: the moving average when the state keeps one."""
+  return state.get('ema_params', state['params'])
+
+
+def ema_decay_at(decay: float, step) -> jax.Array:
+  """``decay``, lowered early in training ((1 + t) / (10 + t), as timm's ModelEmaV2 warmup) so
+  the average is not dominated by the random init in short runs."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 MASKED = '_masked'  # metrics entry of a loss_fn: {group: (part of the loss, mask count)}
@@ -23,7 +39,8 @@ def without_masked(metrics: dict) -> dict:
   return {k: v for k, v in metrics.items() if k != MASKED}
 
 
-def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def make_update(loss_fn: Callable, tx: optax.GradientTransformation,
+                ema_decay: float = 0.0) -> Callable:
   """Turns ``loss_fn(params, batch, rng, *consts) -> (loss, metrics)`` into an update.
 
   Only ``state['params']`` is differentiated: anything passed in ``consts``
@@ -44,6 +61,9 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
   ``skip_nonfinite=True`` (static; ``config.train.on_nonfinite='skip'``): a step
   whose loss, gradients or new parameters are not all finite changes nothing
   but the step count, and its metrics say ``skipped=1``.
+
+  ``ema_decay > 0`` (a state made with ``init_state(..., ema=True)``): after each step
+  ``ema_params = d * ema_params + (1 - d) * params``, d = ``ema_decay_at(ema_decay, step)``.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -69,6 +89,10 @@ def make_update(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **metrics}
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1,
                  **new_state}
+    if ema_decay:
+      d = ema_decay_at(ema_decay, state['step'])
+      new_state['ema_params'] = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p,
+                                             state['ema_params'], params)
     if skip_nonfinite:
       return _skip_if_nonfinite(state, new_state, loss, grads, metrics)
     return new_state, metrics
