@@ -19,7 +19,10 @@ import os
 from typing import Callable
 
 import numpy as np
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow loads at first use: building or timing a step needs none
+  import tensorflow as tf
 from absl import logging
 from PIL import Image, ImageOps
 

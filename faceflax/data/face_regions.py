@@ -21,6 +21,7 @@ geometric op, which then moves the map with the image.
 
 import io
 import os
+import types
 from pathlib import Path
 
 import einops
@@ -28,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow loads at first use: building or timing a step needs none
+  import tensorflow as tf
 
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, load_array, read_folder
@@ -293,11 +297,12 @@ class _NumpyOps:
     return x.max(axis, initial=0)
 
 
-class _TfOps:
-  """The same names in tf, for the op."""
-  float32, int32 = tf.float32, tf.int32
-  arange, cos, sin, square, round, where = tf.range, tf.cos, tf.sin, tf.square, tf.round, tf.where
-  logical_not, cast, reduce_max = tf.logical_not, tf.cast, tf.reduce_max
+def _tf_ops():
+  """The same names in tf, for the op (looked up when the op is built: TensorFlow loads lazily)."""
+  return types.SimpleNamespace(
+      float32=tf.float32, int32=tf.int32, arange=tf.range, cos=tf.cos, sin=tf.sin,
+      square=tf.square, round=tf.round, where=tf.where, logical_not=tf.logical_not,
+      cast=tf.cast, reduce_max=tf.reduce_max)
 
 
 def region_map_np(shapes, size, contour_width=CONTOUR_WIDTH):
@@ -322,7 +327,7 @@ def get_face_regions(contour_width=CONTOUR_WIDTH):
     image = features['image']
     size = tf.shape(image)
     labels = _pixel_labels(tf.reshape(features['face_shapes'], [-1, 6]), size[0], size[1],
-                           tf.constant(contour_width, tf.float32), _TfOps)
+                           tf.constant(contour_width, tf.float32), _tf_ops())
     features['regions'] = tf.ensure_shape(
         tf.one_hot(labels, len(REGIONS), dtype=tf.float32),
         image.shape[:2].concatenate([len(REGIONS)]))

@@ -13,7 +13,10 @@ import warnings
 
 import numpy as np
 from PIL import Image
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow loads at first use: building or timing a step needs none
+  import tensorflow as tf
 
 from faceflax import progress
 from faceflax.data import bad_data, ops

@@ -17,7 +17,10 @@ import ast
 import math
 from typing import Callable
 
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow loads at first use: building or timing a step needs none
+  import tensorflow as tf
 
 def keep_tensorflow_off_accelerators() -> None:
   """tf.data must never grab accelerator memory: JAX owns the GPUs. Called by the entry
@@ -29,7 +32,7 @@ def keep_tensorflow_off_accelerators() -> None:
   except (RuntimeError, ValueError):  # TensorFlow's devices were initialised already.
     pass
 
-Features = dict[str, tf.Tensor]
+Features = dict[str, 'tf.Tensor']
 IMAGE_KEYS = ('image', 'image_lq')  # Transformed alike by every op after `degrade`.
 GEOMETRIC_KEYS = IMAGE_KEYS + ('regions',)  # Resized, cropped and flipped alike.
 _OPS: dict[str, Callable[..., Callable[[Features], Features]]] = {}

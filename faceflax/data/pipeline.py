@@ -19,19 +19,24 @@ example with a seed derived from (seed, epoch, example index). Batches therefore
 depend only on (seed, step), identically in both modes, which makes resuming at
 any step exact and cheap: no iterator state is saved (README "Data at scale").
 """
+from __future__ import annotations  # tf in signatures: TensorFlow loads at first use
+
 import atexit
 import dataclasses
 import functools
 import weakref
 
 import numpy as np
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow loads at first use: building or timing a step needs none
+  import tensorflow as tf
 
 from faceflax import progress as progress_lib
 from faceflax.data import images as images_lib, ops
 from faceflax.data.errors import DataError
 
-AUTOTUNE = tf.data.AUTOTUNE
+AUTOTUNE = -1  # tf.data.AUTOTUNE, without loading TensorFlow at import
 INPUT_MODES = ('auto', 'cache', 'stream')
 _RESERVED_KEYS = ('image', 'image_lq', 'mask', 'rng', '_index', '_epoch')
 _READ_CHUNK = 64  # records read per numpy call (one Python call per chunk, not per image)

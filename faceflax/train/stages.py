@@ -8,7 +8,10 @@ import time
 
 import jax
 from absl import logging
-from clu import metric_writers
+from etils import epy
+
+with epy.lazy_imports():  # clu's writers load TensorFlow: only a job that writes needs them
+  from clu import metric_writers
 
 from faceflax.data import bad_data
 from faceflax.train import checkpoint, files, loop, mesh as mesh_lib
