@@ -259,3 +259,19 @@ def test_finetune_with_ema_and_mixup_hands_on_the_average(tmp_path):
   config.student.kd.ema_decay = 1.0
   with pytest.raises(ValueError, match='student.kd.ema_decay=1.0'):
     fbp_kd.check_config(config)
+
+
+@pytest.mark.parametrize('setting', ['folder', 'off'])
+def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path, setting):
+  cache = tmp_path / 'xla'
+  env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(tmp_path / 'home'),
+             FACEFLAX_COMPILATION_CACHE=str(cache) if setting == 'folder' else 'off',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  code = ('import jax, jax.numpy as jnp; from faceflax import app; print(app.use_compilation_cache()); '
+          'jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()')
+  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, check=True,
+                       capture_output=True, text=True).stdout
+  if setting == 'off':
+    assert out.strip() == '' and not cache.exists() and not (tmp_path / 'home').exists()
+  else:
+    assert out.strip() == str(cache) and any(cache.iterdir())  # the compiled program is kept
