@@ -39,7 +39,8 @@ def get_config(preset: str = ''):
                'color_jitter(0.2, 0.2, 0.2)|value_range(-1, 1)|keep("image", "regions")',
       eval_pp='face_regions|value_range(-1, 1)|keep("image", "regions")',
   )
-  c.model = dict(variant='tiny', stem='patch', patch=8, mask_ratio=0.75, attention='fused')
+  c.model = dict(variant='tiny', stem='patch', patch=8, mask_ratio=0.75, attention='fused',
+                 remat='none')
   c.prior = dict(
       pixel_weight=1.0,       # masked image modelling
       patch_weight=0.5,       # per-token facial-region prediction

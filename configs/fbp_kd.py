@@ -52,7 +52,10 @@ def get_config(preset: str = ''):
       model=dict(variant='small', stem='multiscale', patch=16, stem_channels=24,
                  stem_kernels=(3, 5, 7), stem_stride=4, mask_ratio=0.5, num_bins=9, dropout=0.0,
                  # 'fused': jax.nn.dot_product_attention (cuDNN flash on GPUs); 'flax': flax's own
-                 attention='fused'),
+                 attention='fused',
+                 # recompute each block in the backward pass: 'none', 'block' or 'dots'
+                 # (models/mae.py REMAT; less activation memory for big batches)
+                 remat='none'),
       pretrain=optimizer(500, 128, 1.5e-3, 50, norm_pix=True),
       # ld_*: a Gaussian label distribution over the score bins (DLDL) beside the
       # regression loss keeps the binned head from saturating on the mean score's bin.
@@ -68,7 +71,7 @@ def get_config(preset: str = ''):
   c.student = dict(
       # Plain 8 px patches (8x8 tokens); feature KD pools them to the teacher's 4x4 grid.
       model=dict(variant='tiny', stem='patch', patch=8, mask_ratio=0.75, num_bins=9, dropout=0.0,
-                 attention='fused'),
+                 attention='fused', remat='none'),
       pretrain=optimizer(300, 128, 1.5e-3, 30, norm_pix=True),
       kd=optimizer(400, 64, 3e-4, 40, layer_decay=0.9, loss='mse', from_pretrained=True,
                    reinit='', ld_weight=1.0, ld_sigma=0.5,

@@ -68,7 +68,8 @@ def get_config(preset: str = ''):
       image_size=64,
       # mae.make(variant, image_size=..., **rest): the keys of configs/fbp_kd.py teacher.model
       model=dict(variant='tiny', stem='patch', patch=8, stem_channels=24,
-                 stem_kernels=(3, 5, 7), stem_stride=2, dropout=0.0, attention='fused'),
+                 stem_kernels=(3, 5, 7), stem_stride=2, dropout=0.0, attention='fused',
+                 remat='none'),
   )
   c.data = dict(
       root=SHARED,       # relative to the working directory (the project root)

@@ -97,6 +97,8 @@ def check_mae(model: mae.MAE, key: str) -> None:
     raise ValueError(f"{key}.stem={model.stem!r}: expected 'patch' or 'multiscale'")
   if model.attention not in mae.ATTENTION:
     raise ValueError(f'{key}.attention={model.attention!r}: expected one of {sorted(mae.ATTENTION)}')
+  if model.remat not in mae.REMAT:
+    raise ValueError(f'{key}.remat={model.remat!r}: expected one of {sorted(mae.REMAT)}')
   if model.width % 4 or model.width % model.num_heads:
     raise ValueError(f'{key}: width {model.width} must be divisible by 4 (position embedding) '
                      f'and by num_heads {model.num_heads}')

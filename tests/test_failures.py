@@ -293,6 +293,18 @@ def test_a_workdir_rerun_with_another_config_is_refused_unless_asked(folder, tmp
   assert len(kept) == 1 and json.loads(kept[0].read_text()) == {'earlier': 1}
 
 
+def test_keys_added_since_a_workdir_trained_count_as_their_old_behaviour():
+  """A config.json from before a key existed (stages.ADDED_KEYS) matches a config with the
+  key at the value that reproduces the old training; any other value is a change."""
+  config = configs_for_tests.load('fbp_kd', 'test')
+  recorded = stages._flat_config(config)  # pylint: disable=protected-access
+  for key in ('teacher.model.remat', 'student.kd.mixup', 'student.kd.ema_decay'):
+    del recorded[key]
+  assert stages.config_changes(recorded, config) == []
+  config.student.kd.ema_decay = 0.99
+  assert stages.config_changes(recorded, config) == ['student.kd.ema_decay: 0.0 -> 0.99']
+
+
 # ----------------------------------------------------------------------------- configs
 
 def _parse_flags(*overrides):

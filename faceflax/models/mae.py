@@ -94,6 +94,21 @@ def fused_attention(query, key, value, mask=None, dtype=None):
 
 ATTENTION = {'fused': fused_attention, 'flax': nn.dot_product_attention}
 
+# Rematerialisation of each encoder block in the backward pass: 'none' keeps every
+# activation; 'block' keeps only the blocks' inputs and recomputes the rest (about one more
+# forward pass, the least memory); 'dots' keeps the matmul outputs and recomputes the cheap
+# elementwise ops (LayerNorm, GELU, softmax) between them.
+REMAT = {'none': None, 'block': jax.checkpoint_policies.nothing_saveable,
+         'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def block_class(remat: str):
+  """EncoderBlock, wrapped in ``nn.remat`` with the policy of ``remat`` (REMAT)."""
+  if REMAT[remat] is None:
+    return EncoderBlock
+  # static_argnums: `train` (argument 2, counting self) selects Python branches (dropout)
+  return nn.remat(EncoderBlock, policy=REMAT[remat], static_argnums=(2,))
+
 
 class EncoderBlock(nn.Module):
   num_heads: int
@@ -125,13 +140,15 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32
   annotate: bool = False
   attention: str = 'fused'
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     hidden = []
     x = x.astype(jnp.float32)  # the residual stream stays fp32
+    block = block_class(self.remat)
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_ratio, self.dropout, self.dtype, self.annotate,
+      x = block(self.num_heads, self.mlp_ratio, self.dropout, self.dtype, self.annotate,
                        self.attention, name=f'block{i}')(x, train)
       hidden.append(x)
     return nn.LayerNorm(dtype=jnp.float32, name='norm')(x), hidden
@@ -197,6 +214,7 @@ class MAE(nn.Module):
   dtype: Any = jnp.float32          # compute dtype (config.train.precision)
   annotate: bool = False            # boxed params with logical axes (see param_axes)
   attention: str = 'fused'          # ATTENTION: 'fused' (jax.nn.dot_product_attention) | 'flax'
+  remat: str = 'none'               # REMAT: 'none' | 'block' | 'dots' (encoder and decoder blocks)
 
   @property
   def grid(self) -> int:
@@ -215,15 +233,17 @@ class MAE(nn.Module):
     self.pos_embed = sincos_pos_embed(self.grid, self.width)[None]
     if self.attention not in ATTENTION:
       raise ValueError(f'model.attention={self.attention!r}: expected one of {sorted(ATTENTION)}')
+    if self.remat not in REMAT:
+      raise ValueError(f'model.remat={self.remat!r}: expected one of {sorted(REMAT)}')
     self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.dropout,
-                               self.dtype, self.annotate, self.attention)
+                               self.dtype, self.annotate, self.attention, self.remat)
     self.head = heads.BinnedScoreHead(self.num_bins, tuple(self.score_range))
     self.decoder_embed = nn.Dense(self.decoder_width, dtype=self.dtype)
     self.mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.decoder_width))
     self.decoder_pos_embed = sincos_pos_embed(self.grid, self.decoder_width)[None]
     self.decoder = Transformer(self.decoder_depth, self.decoder_heads, self.mlp_ratio,
                                dtype=self.dtype, annotate=self.annotate,
-                               attention=self.attention)
+                               attention=self.attention, remat=self.remat)
     self.decoder_pred = nn.Dense(self.patch * self.patch * 3, dtype=self.dtype)
 
   def tokens(self, images, train: bool = False):

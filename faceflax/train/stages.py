@@ -191,6 +191,17 @@ NEUTRAL_KEYS = ('stages', 'reuse_from', 'eval_batch_size', 'train.log_every',
                 'data.input', 'data.cache_max_gb', 'data.tfds_data_dir', 'mesh.*')
 
 
+# Keys added after workdirs were trained, with the value that reproduces how those trained:
+# a config.json without such a key recorded that value.
+ADDED_KEYS = {'*.mixup': 0.0, '*.ema_decay': 0.0, '*.remat': 'none'}
+
+
+def _recorded_value(recorded: dict, key: str):
+  if key in recorded:
+    return recorded[key]
+  return next((v for p, v in ADDED_KEYS.items() if fnmatch.fnmatchcase(key, p)), '<absent>')
+
+
 class ConfigChanged(ValueError):
   """A finished workdir rerun with a config that would change its models or scores."""
 
@@ -216,7 +227,7 @@ def config_changes(recorded: dict, config) -> list[str]:
   for key in sorted(set(recorded) | set(now)):
     if any(fnmatch.fnmatchcase(key, p) for p in NEUTRAL_KEYS):
       continue
-    before, after = recorded.get(key, '<absent>'), now.get(key, '<absent>')
+    before, after = _recorded_value(recorded, key), now.get(key, '<absent>')
     if before != after:
       changed.append(f'{key}: {before!r} -> {after!r}')
   return changed
