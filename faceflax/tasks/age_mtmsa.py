@@ -35,6 +35,7 @@ AGE_LOSSES = ('kl', 'dirac_gaussian', 'l1', 'ce')
 FORMATS = ('folder', 'utkface', 'morph', 'adience')
 CLASS_HEADS = {'gender': resnet_msa.NUM_GENDERS, 'race': resnet_msa.NUM_RACES}
 LABELS = ('age', 'gender', 'race', 'age_group')
+TRAIN_LABELS = ('age', 'gender', 'race')  # the labels of a training batch
 # Class names of the codes (UTKFace's convention, which the readers map every format to).
 CLASS_NAMES = {'gender': ('male', 'female'),
                'race': ('white', 'black', 'asian', 'indian', 'others')}
@@ -175,7 +176,7 @@ def load_examples(config, split: str) -> Examples:
 
 
 def train_batches(config, examples: Examples, batch_size: int, seed: int):
-  labels = {k: examples.labels[k] for k in ('age', 'gender', 'race')}
+  labels = {k: examples.labels[k] for k in TRAIN_LABELS}
   return pipeline.train_batches(config, examples.images, labels, batch_size=batch_size,
                                 pp=config.data.train_pp, seed=seed)
 
@@ -241,6 +242,7 @@ def train_stage(name, model, config, examples: Examples | None) -> loop.Stage:
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched, batches=batches,
+      batch_spec=loop.batch_spec(cfg.batch_size, size, **{k: () for k in TRAIN_LABELS}),
       loss_fn=loss_fn)
 
 

@@ -184,9 +184,11 @@ def pretrain_stage(name, model, heads, config, faces) -> loop.Stage:
                                   batch_size=cfg.batch_size, pp=config.data.train_pp,
                                   seed=config.seed)(start_step=start_step)
 
+  # data.train_pp keeps the image and its region map (face_regions: one channel per region)
+  shapes = loop.batch_spec(cfg.batch_size, size, regions=(size, size, len(face_regions.REGIONS)))
   return loop.Stage(name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
                     update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-                    batches=batches, loss_fn=loss_fn)
+                    batches=batches, batch_spec=shapes, loss_fn=loss_fn)
 
 
 def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:

@@ -102,6 +102,7 @@ def pretrain_stage(name, model, cfg, paths, config) -> loop.Stage:
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
       batches=train_batches(config, paths, {}, cfg.batch_size, config.seed),
+      batch_spec=loop.batch_spec(cfg.batch_size, size),
       param_axes=mae.param_axes(model, size), tx=tx)
 
 
@@ -129,6 +130,7 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
   return loop.Stage(
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx, cfg.ema_decay), schedule=sched, batches=batches,
+      batch_spec=loop.batch_spec(cfg.batch_size, size, score=()),
       param_axes=mae.param_axes(model, size), tx=tx, loaded=loaded)
 
 
@@ -208,7 +210,9 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
              config) -> loop.Stage:
   """Student step with the frozen teacher's forward pass inside (one XLA graph).
 
-  ``examples`` None: no batches (a stage built only to load its checkpoint).
+  ``examples`` None: no batches (a stage built only to load its checkpoint, or to time its
+  step). Each batch holds ``cfg.unlabeled_batch_size`` unlabeled faces after the labeled
+  ones (``unlabeled``: their images; never empty, they include the labeled train faces).
   """
   size = config.data.image_size
   pairs = kd_pairs(cfg, student, teacher)  # check_config has checked the grids
@@ -249,11 +253,12 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
       total += cfg.beta * terms['feature_kd']
     return total, terms
 
+  batch_size = cfg.batch_size + cfg.unlabeled_batch_size
   return loop.Stage(
-      name=name, num_steps=cfg.steps,
-      batch_size=cfg.batch_size + (cfg.unlabeled_batch_size if unlabeled else 0),
-      init_fn=init_fn, update_fn=state_lib.make_update(loss_fn, tx, cfg.ema_decay), schedule=sched,
+      name=name, num_steps=cfg.steps, batch_size=batch_size, init_fn=init_fn,
+      update_fn=state_lib.make_update(loss_fn, tx, cfg.ema_decay), schedule=sched,
       batches=None if examples is None else kd_batches(cfg, examples, unlabeled, config),
+      batch_spec=loop.batch_spec(batch_size, size, score=(), has_label=()),
       consts=(teacher_params,), tx=tx, loaded=loaded,
       param_axes={'student': mae.param_axes(student, size),
                   'projector': jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
@@ -266,7 +271,7 @@ def kd_batches(cfg, examples, unlabeled, config):
   labeled = train_batches(config, examples.images, {'score': score, 'has_label': np.ones_like(score)},
                           cfg.batch_size, config.seed + 2)
   extra = None
-  if cfg.unlabeled_batch_size and unlabeled:
+  if cfg.unlabeled_batch_size:
     zeros = np.zeros(len(unlabeled), np.float32)
     extra = train_batches(config, unlabeled, {'score': zeros, 'has_label': zeros},
                           cfg.unlabeled_batch_size, config.seed + 3)
@@ -398,29 +403,31 @@ class Job(stages_lib.JobWriter):
     self.student = mae.from_config(config.student.model, size, dtype)
     self._cache = {}
 
-  def stage(self, name, restore_only: bool = False) -> loop.Stage:
+  def stage(self, name, restore_only: bool = False, data: bool = True) -> loop.Stage:
     """Builds a stage; ``restore_only`` skips its inputs and data (enough to load its checkpoint).
 
     Restoring reads no data, so a trained workdir predicts without its dataset.
+    ``data=False``: the stage as training builds it (the teacher and pretrained weights
+    included) without reading data: no batches, its ``batch_spec`` only (bench/bench_steps.py).
     """
     c, w = self.config, self.workdir
+    data = data and not restore_only
     upstream = (lambda n: None) if restore_only else self.params
     if name == 'teacher_pretrain':
-      st = pretrain_stage(name, self.teacher, c.teacher.pretrain,
-                          () if restore_only else self.unlabeled, c)
+      st = pretrain_stage(name, self.teacher, c.teacher.pretrain, self.unlabeled if data else (), c)
       st.on_log = self._reconstruction_logger(self.teacher, c.teacher.pretrain, name)
       return st
     if name == 'student_pretrain':
       return pretrain_stage(name, self.student, c.student.pretrain,
-                            () if restore_only else self.unlabeled, c)
-    train = None if restore_only else labeled_examples(c, c.data.train_split, w)
+                            self.unlabeled if data else (), c)
+    train = labeled_examples(c, c.data.train_split, w) if data else None
     if name == 'teacher_finetune':
       pretrained = self._pretrained('teacher_pretrain', c.teacher.finetune, restore_only)
       return finetune_stage(name, self.teacher, c.teacher.finetune, train, pretrained, c)
     if name == 'student_kd':
       kd = c.student.kd
       pretrained = self._pretrained('student_pretrain', kd, restore_only)
-      unlabeled = self.unlabeled if kd.unlabeled_batch_size and not restore_only else ()
+      unlabeled = self.unlabeled if kd.unlabeled_batch_size and data else ()
       return kd_stage(name, self.student, self.teacher, kd, train, unlabeled, pretrained,
                       upstream('teacher_finetune'), c)
     raise KeyError(name)

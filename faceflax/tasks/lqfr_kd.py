@@ -175,14 +175,17 @@ def teacher_stage(name, model, config, ts: TrainSet | None) -> loop.Stage:
       name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
       update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
       batches=None if ts is None else train_batches(config, ts, cfg.batch_size, config.seed,
-                                                    degraded=False))
+                                                    degraded=False),
+      batch_spec=loop.batch_spec(cfg.batch_size, size, label=()))
 
 
 def student_stage(name, student, teacher, config, ts: TrainSet | None, teacher_vars,
                   external=None) -> loop.Stage:
   """ArcFace on degraded faces + alpha * output KD + beta * attention KD, one jit step.
 
-  ``ts`` None: no batches (a stage built only to load its checkpoint).
+  ``ts`` None: no batches (a stage built only to load its checkpoint, or to time its step).
+  ``external``: the external teacher's embeddings (``student_external``), or any [n, dim]
+  array of their width when ``ts`` is None.
   """
   variant = name[len('student_'):]
   use_output, use_attention, use_external = STUDENT_VARIANTS[variant]
@@ -205,6 +208,9 @@ def student_stage(name, student, teacher, config, ts: TrainSet | None, teacher_v
     return params, v['batch_stats']
 
   tx, sched = optim.adamw(cfg, cfg.steps)
+  labels = {'image_lq': (size, size, 3), 'label': ()}  # what a batch holds beside 'image'
+  if use_external:
+    labels['teacher_embedding'] = external.shape[1:]
 
   def init_fn(rng):
     params, batch_stats = init_params(rng)
@@ -241,6 +247,7 @@ def student_stage(name, student, teacher, config, ts: TrainSet | None, teacher_v
       batches=None if ts is None else train_batches(
           config, ts, cfg.batch_size, config.seed + 1, degraded=True,
           external=external if use_external else None),
+      batch_spec=loop.batch_spec(cfg.batch_size, size, **labels),
       consts=(teacher_vars,), loss_fn=loss_fn)
 
 
@@ -440,10 +447,16 @@ class Job(stages_lib.StageStates):
     return make_model(self.config.student.model, self.num_classes,
                       precision.compute_dtype(self.config.train))
 
-  def stage(self, name, restore_only: bool = False) -> loop.Stage:
-    """Builds a stage; ``restore_only``: enough to load its checkpoint (no data when recorded)."""
+  def stage(self, name, restore_only: bool = False, data: bool = True) -> loop.Stage:
+    """Builds a stage; ``restore_only``: enough to load its checkpoint (no data when recorded).
+
+    ``data=False``: the stage as training builds it (a student's teacher included) without
+    reading data, the sizes it takes from the data from ``self.facts``: no batches, its
+    ``batch_spec`` only (bench/bench_steps.py).
+    """
     c = self.config
-    ts = None if restore_only else self.train_set
+    data = data and not restore_only
+    ts = self.train_set if data else None
     if name == 'teacher':
       return teacher_stage(name, self.teacher, c, ts)
     if name not in STAGES:
@@ -451,9 +464,9 @@ class Job(stages_lib.StageStates):
     teacher_vars = None if restore_only else self.variables('teacher')
     external = None
     if STUDENT_VARIANTS[name[len('student_'):]][2]:
-      # Restoring needs only the embedding width (the projector's shape).
-      external = (np.zeros((1, self.facts.get('external_dim') or external_dim(c)), np.float32)
-                  if restore_only else external_embeddings(c, ts))
+      # Without data only the embedding width matters (the projector's shape).
+      external = (external_embeddings(c, ts) if data else
+                  np.zeros((1, self.facts.get('external_dim') or external_dim(c)), np.float32))
     return student_stage(name, self.student, self.teacher, c, ts, teacher_vars, external)
 
   def variables(self, name) -> dict:

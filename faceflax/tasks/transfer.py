@@ -517,9 +517,11 @@ def finetune_stage(name, model: mae.MAE, spec: TaskSpec, out_dim: int, data: Tas
     batches = pipeline.train_batches(config, data.train.images, {'target': target},
                                      batch_size=cfg.batch_size, pp=config.data.train_pp,
                                      seed=config.seed + 1)
+  # 'target': one 0/1 per attribute (multilabel), else a class index or a value per face
+  shapes = loop.batch_spec(cfg.batch_size, size, target=(out_dim,) if kind == 'multilabel' else ())
   return loop.Stage(name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
                     update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-                    batches=batches, loss_fn=loss_fn)
+                    batches=batches, batch_spec=shapes, loss_fn=loss_fn)
 
 
 # ----------------------------------------------------------------------------- orchestration

@@ -62,6 +62,16 @@ class Stage:
   # What init took from elsewhere (``state.load_pretrained``'s facts: from where, how many
   # leaves, which kept their init); recorded in the stage's done marker and results.json.
   loaded: dict = dataclasses.field(default_factory=dict)
+  # One global batch as ``batches`` yields it ({name: jax.ShapeDtypeStruct}), known without
+  # data: the step compiles from shapes alone (bench/bench_steps.py, ahead-of-time analysis).
+  batch_spec: dict | None = None
+
+
+def batch_spec(batch_size: int, image_size: int, **shapes) -> dict:
+  """{'image': [B, S, S, 3], name: [B, *shape] ...}, all float32: the pipeline yields images
+  after ``value_range`` and every label as a float32 column (``pipeline._label_columns``)."""
+  shapes = {'image': (image_size, image_size, 3), **shapes}
+  return {k: jax.ShapeDtypeStruct((batch_size, *v), np.float32) for k, v in shapes.items()}
 
 
 def done_marker(workdir: str, name: str) -> str:
@@ -72,9 +82,19 @@ def is_done(workdir: str, name: str) -> bool:
   return os.path.exists(done_marker(workdir, name))
 
 
-def compile_update(stage: Stage, mesh, example_batch: dict, abstract_state,
-                   grad_accum_steps: int = 1, on_nonfinite: str = 'stop'):
-  """jit with explicit shardings; returns (compiled, seconds)."""
+def jit_init(stage: Stage, mesh, rng) -> tuple[Callable, Any]:
+  """(init jitted to the state's shardings, the abstract state: shapes and shardings)."""
+  shapes = jax.eval_shape(stage.init_fn, rng)
+  shardings = mesh_lib.state_shardings(shapes, mesh, stage.param_axes, stage.tx)
+  return jax.jit(stage.init_fn, out_shardings=shardings), checkpoint.abstract(shapes, shardings)
+
+
+def lower_update(stage: Stage, mesh, example_batch: dict, abstract_state,
+                 grad_accum_steps: int = 1, on_nonfinite: str = 'stop'):
+  """The update jitted with explicit shardings (state donated), lowered for these shapes.
+
+  ``example_batch`` and ``abstract_state`` may be arrays or ``jax.ShapeDtypeStruct``s.
+  """
   repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
   state_sh = mesh_lib.state_shardings(abstract_state, mesh, stage.param_axes, stage.tx)
   batch_sh = {k: data for k in example_batch}
@@ -86,8 +106,15 @@ def compile_update(stage: Stage, mesh, example_batch: dict, abstract_state,
   jitted = jax.jit(update, donate_argnums=(0,),
                    in_shardings=(state_sh, batch_sh, repl) + (repl,) * len(stage.consts),
                    out_shardings=(state_sh, repl))
+  return jitted.lower(abstract_state, example_batch, jax.random.key(0), *stage.consts)
+
+
+def compile_update(stage: Stage, mesh, example_batch: dict, abstract_state,
+                   grad_accum_steps: int = 1, on_nonfinite: str = 'stop'):
+  """``lower_update(...).compile()``; returns (compiled, seconds: tracing included)."""
   t0 = time.perf_counter()
-  compiled = jitted.lower(abstract_state, example_batch, jax.random.key(0), *stage.consts).compile()
+  compiled = lower_update(stage, mesh, example_batch, abstract_state, grad_accum_steps,
+                          on_nonfinite).compile()
   return compiled, time.perf_counter() - t0
 
 
@@ -147,12 +174,9 @@ def run(stage: Stage, workdir: str, config, mesh, writer) -> State:
   if on_nonfinite not in ON_NONFINITE:
     raise ValueError(f'train.on_nonfinite={on_nonfinite!r}: expected one of {ON_NONFINITE}')
   seed_rng = jax.random.key(config.seed)
-  shapes = jax.eval_shape(stage.init_fn, seed_rng)
-  shardings = mesh_lib.state_shardings(shapes, mesh, stage.param_axes, stage.tx)
-  init = jax.jit(stage.init_fn, out_shardings=shardings)
-  abstract_state = checkpoint.abstract(shapes, shardings)
+  init, abstract_state = jit_init(stage, mesh, seed_rng)
 
-  files.check_writable(stage_dir, need_bytes=checkpoint.state_bytes(shapes))
+  files.check_writable(stage_dir, need_bytes=checkpoint.state_bytes(abstract_state))
   mngr = checkpoint.manager(os.path.join(stage_dir, 'ckpt'),
                             save_every=config.checkpoint_every, keep=config.keep_checkpoints)
   try:
