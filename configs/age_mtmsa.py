@@ -113,6 +113,7 @@ def get_config(preset: str = ''):
   elif preset == 'paper':
     c.data.image_size = 224
     c.model.update(variant='resnet34', msa_stages=(1, 2), dropout=0.2)
+    c.train.precision = 'auto'  # bf16 on accelerators, fp32 on CPU
     c.train.update(optimizer(60_000, 128, 1e-3, 2000), log_every=100, checkpoint_every=5000)
   elif preset == 'test':
     c.data.image_size = 32

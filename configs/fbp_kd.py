@@ -135,6 +135,7 @@ def get_config(preset: str = ''):
     c.student.kd.update(steps=20_000, batch_size=256, lr=5e-4, warmup_steps=1000, layer_decay=0.65,
                         feature_pairs='-1:-1,5:8', unlabeled_batch_size=256)
     c.train.update(log_every=100, checkpoint_every=2000, image_every=5000)
+    c.train.precision = 'auto'  # bf16 on accelerators, fp32 on CPU
   elif preset == 'test':
     c.data.image_size = 32
     c.data.synthetic.update(num_train=64, num_val=32, num_test=32, size=32)

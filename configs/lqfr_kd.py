@@ -108,6 +108,7 @@ def get_config(preset: str = ''):
     c.data.degrade = c.data.degrade.replace('56, 64)', '56, 112)')
     c.teacher.model.update(variant='resnext50_32x4d')
     c.student.model.update(variant='resnext50_32x4d')
+    c.train.precision = 'auto'  # bf16 on accelerators, fp32 on CPU
     for opt in (c.teacher.train, c.student.train):
       opt.update(steps=100_000, batch_size=512, lr=1e-3, warmup_steps=2000)
     c.teacher.arcface.scale = c.student.arcface.scale = 64.0

@@ -234,3 +234,16 @@ def test_mixup_mixes_images_and_targets_with_one_weight_per_row():
   np.testing.assert_allclose(out['image'], want, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(out['has_label'], [1, 1, 0, 0, 1, 1])  # row 3 mixes in row 2
   np.testing.assert_array_equal(out['id'], batch['id'])  # integers are left alone
+
+
+@pytest.mark.parametrize('task', ['fbp_kd', 'lqfr_kd', 'age_mtmsa', 'face_prior'])
+def test_paper_presets_compute_in_bf16_on_accelerators_only(task, monkeypatch):
+  from faceflax.train import precision  # pylint: disable=g-import-not-at-top
+  from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
+  train = configs_for_tests.load(task, 'paper').train
+  assert train.precision == 'auto'
+  assert precision.compute_dtype(train) == jnp.float32  # these tests run on CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert precision.compute_dtype(train) == jnp.bfloat16
+  with pytest.raises(ValueError, match=r"config.train.precision='fp16'"):
+    precision.compute_dtype({'precision': 'fp16'})
