@@ -8,9 +8,10 @@ import numpy as np
 from faceflax.train import loop, mesh as mesh_lib
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-  """fp32 matmul throughput of this machine, the yardstick for the steps."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_peak_gflops(n: int = 2048, reps: int = 10, dtype=jnp.float32) -> float:
+  """Matmul throughput of this machine in ``dtype`` (a step's compute dtype), the yardstick
+  for the steps."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   times = []
@@ -19,8 +20,9 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     f(a, a).block_until_ready()
     times.append(time.perf_counter() - t)
   peak = 2 * n ** 3 / np.median(times) / 1e9
+  name = {'float32': 'fp32', 'bfloat16': 'bf16'}.get(jnp.dtype(dtype).name, jnp.dtype(dtype).name)
   print(f'devices: {jax.device_count()} x {jax.devices()[0].platform}; '
-        f'fp32 matmul peak ({n}^3, median of {reps}): {peak:.1f} GFLOP/s')
+        f'{name} matmul peak ({n}^3, median of {reps}): {peak:.1f} GFLOP/s')
   return peak
 
 

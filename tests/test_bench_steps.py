@@ -1,15 +1,71 @@
-"""Stage.batch_spec: the shapes of one batch, known without data.
+"""bench/bench_steps.py: every task's step timed without data or TensorFlow; Stage.batch_spec.
 
-A step compiles from ``Stage.batch_spec`` alone, so the spec must be what the input
-pipeline yields: checked here for every stage of every task against its first real batch,
-for the stage built with data and built without it.
+The benchmark compiles each step from ``Stage.batch_spec`` alone, so the spec must be what
+the input pipeline yields: checked here for every stage of every task against its first
+real batch, for the stage built with data and built the way the benchmark builds it.
 """
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 
 from faceflax.data import synthetic
 from faceflax.tasks import age_mtmsa, face_prior, fbp_kd, lqfr_kd, transfer
 from tests import configs_for_tests, predict_helpers
+from tests.conftest import REPO, xla_flags
+
+# Runs a script with TensorFlow and clu refused: an accelerator machine may have neither.
+WITHOUT_TF = '''
+import importlib.abc, runpy, sys
+class Refuse(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'clu'):
+      raise ImportError(f'{name} is not installed here (refused by the test)')
+sys.meta_path.insert(0, Refuse())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+# One stage per task, the KD step where the task has one (its teacher: the benchmark's own
+# random init); each stage compiles its init and its update, seconds each on 2 cores.
+TIMED = {'fbp_kd': 'student_kd', 'lqfr_kd': 'student_both', 'age_mtmsa': 'train',
+         'face_prior': 'pretrain', 'transfer': 'finetune_attributes'}
+
+
+def _bench(task: str, *flags: str) -> subprocess.Popen:
+  command = [sys.executable, '-c', WITHOUT_TF, 'bench/bench_steps.py',
+             f'--config=configs/{task}.py:test', *flags]
+  # 2 devices: batches split over the data axis, at less compile time than the suite's 8.
+  # LLVM at -O0: a third less compile time; the values the steps compute do not matter here.
+  flags_ = xla_flags(2).replace('optimization_level=1', 'optimization_level=0')
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=flags_)
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _rows(proc: subprocess.Popen) -> dict[str, list[str]]:
+  """The printed table of a finished run: {stage: its cells}."""
+  out, err = proc.communicate()
+  assert proc.returncode == 0, err[-3000:]
+  return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+
+
+def test_steps_run_without_data_or_tensorflow():
+  # Concurrently: each run is mostly single-threaded tracing and compilation.
+  runs = {task: _bench(task, f'--stages={stage}', '--steps=1', '--peak_size=256')
+          for task, stage in TIMED.items()}
+  for task, stage in TIMED.items():
+    rows = _rows(runs[task])
+    batch, img_s, init_s, compile_s, gflops = rows[stage][:5]
+    assert int(batch) == 16 and float(img_s) > 0, (task, rows[stage])
+    assert float(init_s) > 0 and float(compile_s) > 0 and float(gflops.rstrip('*')) > 0
+    if task == 'fbp_kd':  # the same step from shapes alone (compiled: the session's cache)
+      aot = _bench(task, '--aot_only', f'--stages={stage}')
+  rows = _rows(aot)
+  batch, _, gflops, *gib = rows['student_kd']
+  assert int(batch) == 16 and float(gflops.rstrip('*')) > 0, rows['student_kd']
+  assert all(float(x) >= 0 for x in gib) and float(gib[-1]) > 0  # XLA's memory analysis
 
 
 # ----------------------------------------------------------------------------- batch_spec
