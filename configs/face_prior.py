@@ -71,7 +71,7 @@ def get_config(preset: str = ''):
 
   if preset == 'paper':
     c.data.image_size = 224
-    c.model.update(variant='base', patch=16)
+    c.model.update(variant='base', patch=16, remat='dots')  # as fbp_kd's paper MAEs
     c.train.precision = 'auto'  # bf16 on accelerators, fp32 on CPU
     c.train.update(steps=100_000, batch_size=1024, lr=1.5e-4 * 1024 / 256, warmup_steps=5000,
                    log_every=100, checkpoint_every=5000)
