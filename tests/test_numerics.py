@@ -247,3 +247,16 @@ def test_paper_presets_compute_in_bf16_on_accelerators_only(task, monkeypatch):
   assert precision.compute_dtype(train) == jnp.bfloat16
   with pytest.raises(ValueError, match=r"config.train.precision='fp16'"):
     precision.compute_dtype({'precision': 'fp16'})
+
+
+@pytest.mark.parametrize('stem', ['patch', 'multiscale'])
+def test_mae_init_through_a_small_copy_gives_the_full_size_parameters(stem):
+  """mae.init_params initialises a 4x4-token copy: the same parameters, bit for bit, as the
+  model initialised at its own image size."""
+  from faceflax.models import mae  # pylint: disable=g-import-not-at-top
+  model = mae.make('test', image_size=64, patch=8, stem=stem, stem_stride=2)
+  x = jnp.zeros((1, 64, 64, 3))
+  rng = jax.random.key(5)
+  rngs = {'params': rng, 'mask': jax.random.fold_in(rng, 1), 'dropout': jax.random.fold_in(rng, 2)}
+  full = model.init(rngs, x, method=model.init_all)['params']
+  jax.tree.map(np.testing.assert_array_equal, mae.init_params(model, rng, 64), full)

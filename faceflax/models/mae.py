@@ -321,10 +321,17 @@ def from_config(model_config, image_size: int, dtype=jnp.float32) -> MAE:
 
 
 def init_params(model: MAE, rng, image_size: int):
-  """Every parameter of ``model`` (encoder, head and decoder)."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  """Every parameter of ``model`` (encoder, head and decoder).
+
+  Initialised through a 4x4-token copy of the model: no parameter's shape or value depends
+  on the image size (the position embeddings are constants, each parameter's random stream
+  follows its name), and init then traces and compiles a forward pass of 16 tokens instead
+  of the training one (start-up; on accelerators, convolution autotuning at full size).
+  """
+  size = min(image_size, 4 * model.patch)
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
   rngs = {'params': rng, 'mask': jax.random.fold_in(rng, 1), 'dropout': jax.random.fold_in(rng, 2)}
-  return model.init(rngs, x, method=model.init_all)['params']
+  return model.clone(image_size=size).init(rngs, x, method=model.init_all)['params']
 
 
 def layer_id(path: str, depth: int) -> int:
