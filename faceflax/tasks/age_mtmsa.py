@@ -81,6 +81,10 @@ def make_model(config) -> resnet_msa.ResNetMSA:
 
 
 def init_variables(model, rng, size: int) -> dict:
+  """Parameters and BatchNorm statistics, initialised on a 64 px face at most: the heads
+  read mean-pooled features, so no variable depends on the image size, and start-up traces
+  and compiles a small forward pass instead of the training one."""
+  size = min(size, 64)
   return model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, size, size, 3)))
 
 
