@@ -71,7 +71,8 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from faceflax import distributed  # after flag parsing: keeps --help fast
+  from faceflax import distributed, xla_setup  # after flag parsing: keeps --help fast
+  xla_setup.configure()  # before JAX starts a backend
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
   from faceflax import app as faceflax_app

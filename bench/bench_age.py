@@ -20,6 +20,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from bench.common import bench_stage, matmul_peak_gflops, print_header, print_row
+from faceflax import xla_setup
 from faceflax.tasks import age_mtmsa
 
 FLAGS = flags.FLAGS
@@ -31,6 +32,7 @@ flags.DEFINE_bool('plain', True, 'Also time the step without MSA modules.')
 
 def main(argv):
   del argv
+  xla_setup.configure()
   peak = matmul_peak_gflops()
   variants = {'train': FLAGS.config}
   if FLAGS.plain and FLAGS.config.model.msa_stages:

@@ -21,6 +21,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from bench.common import bench_stage, matmul_peak_gflops, print_header, print_row
+from faceflax import xla_setup
 from faceflax.tasks import face_prior
 
 FLAGS = flags.FLAGS
@@ -31,6 +32,7 @@ flags.DEFINE_integer('pipeline_batches', 20, 'Batches timed for the input pipeli
 
 def main(argv):
   del argv
+  xla_setup.configure()
   peak = matmul_peak_gflops()
   plain = FLAGS.config.copy_and_resolve_references()
   plain.prior.update(patch_weight=0.0, component_weight=0.0)

@@ -19,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bench.common import bench_stage, matmul_peak_gflops, print_header, print_row
+from faceflax import xla_setup
 from faceflax.tasks import fbp_kd
 
 FLAGS = flags.FLAGS
@@ -29,6 +30,7 @@ flags.DEFINE_integer('pipeline_batches', 30, 'Batches timed for the input pipeli
 
 def main(argv):
   del argv
+  xla_setup.configure()
   config = FLAGS.config
   peak = matmul_peak_gflops()
   with tempfile.TemporaryDirectory() as workdir:

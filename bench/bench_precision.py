@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bench.common import bench_stage
+from faceflax import xla_setup
 from faceflax.tasks import fbp_kd
 
 FLAGS = flags.FLAGS
@@ -38,6 +39,7 @@ def run_precision(precision: str, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  xla_setup.configure()
   print(f'devices: {jax.device_count()} x {jax.devices()[0].platform}')
   with tempfile.TemporaryDirectory() as workdir:
     fp32, bf16 = run_precision('fp32', workdir), run_precision('bf16', workdir)

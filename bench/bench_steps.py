@@ -34,6 +34,7 @@ analysis are printed (the ``paper`` presets, on a CPU machine).
 It imports no TensorFlow (an accelerator machine may have only jax, flax, optax and
 ml_collections), and checks so at the end.
 """
+import json
 import os
 import sys
 import tempfile
@@ -48,7 +49,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bench.common import matmul_peak_gflops
-from faceflax import tasks
+from faceflax import tasks, xla_setup
 from faceflax.tasks import age_mtmsa, face_prior, fbp_kd, lqfr_kd, transfer
 from faceflax.train import loop, mesh as mesh_lib, precision, stages as stages_lib
 from faceflax.train import state as state_lib
@@ -60,6 +61,7 @@ flags.DEFINE_integer('steps', 10, 'Timed steps per stage (after one warm-up step
 flags.DEFINE_bool('aot_only', False, 'Compile from shapes only: FLOPs and memory analysis.')
 flags.DEFINE_integer('peak_size', 0, 'Side of the matmul that measures the peak (0: 2048 on '
                      'CPU, 8192 on accelerators).')
+flags.DEFINE_string('json', '', 'Also write the rows to this JSON file (stage -> row).')
 flags.DEFINE_integer('num_classes', 0, 'lqfr_kd: ArcFace identities, which a run takes from '
                      'its data (0: data.synthetic.num_train_ids when data.dir is empty).')
 flags.DEFINE_integer('external_dim', 128, "lqfr_kd student_external: the external teacher's "
@@ -250,6 +252,7 @@ def print_analysed(name, stage, r):
 
 def main(argv):
   del argv
+  xla_setup.configure()
   config = FLAGS.config
   names = stage_names(config)
   mesh = mesh_lib.make_mesh(config.get('mesh'))
@@ -269,7 +272,7 @@ def main(argv):
     make_state = lambda stage: loop.jit_init(stage, mesh, jax.random.key(0))[0](jax.random.key(0))
     print(f'{"stage":20s} {"batch":>6s} {"img/s":>9s} {"init s":>7s} {"compile s":>9s} '
           f'{"GFLOPs":>10s} {"% peak":>7s} {"XLA GiB":>8s} {"peak GiB":>8s}')
-  any_unoptimised = False
+  any_unoptimised, rows = False, {}
   with tempfile.TemporaryDirectory() as workdir:
     for name, stage in BUILDERS[config.task](config, workdir, names, make_state).items():
       if FLAGS.aot_only:
@@ -279,9 +282,13 @@ def main(argv):
         r = time_stage(stage, mesh, FLAGS.steps)
         print_timed(name, stage, r, peak, chips)
       any_unoptimised |= r['unoptimised']
+      rows[name] = dict(r, batch=stage.batch_size)
   print('GFLOPs: per step, all devices' + (
       "; * the unoptimised HLO's count (the compiled one is missing or smaller)"
       if any_unoptimised else ''))
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump(rows, f, indent=1)
   assert 'tensorflow' not in sys.modules, 'bench_steps.py must not load TensorFlow'
 
 

@@ -14,6 +14,8 @@ import pickle
 import shutil
 import tempfile
 
+from faceflax import xla_setup
+
 # Tests never time XLA's code, but they compile hundreds of small programs: LLVM at -O1
 # without its expensive passes compiles them ~20% faster. (-O0 is faster still but gave
 # NaN gradients through the CBAM max-pools.) Subprocesses get these through xla_flags().
@@ -21,7 +23,8 @@ FAST_COMPILE = '--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_
 
 
 def xla_flags(devices: int) -> str:
-  return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}'
+  # faceflax's CPU flags too (what main.py sets): the suite checks the numerics under them.
+  return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE} {xla_setup.CPU_FLAGS}'
 
 
 os.environ.setdefault('XLA_FLAGS', xla_flags(8))
