@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from faceflax import config_checks, metrics, reports
+from faceflax import config_checks, metrics, probes, reports
 from faceflax.data import align as align_lib, pipeline, records
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples, drop_bad_rows, read_folder
@@ -243,105 +243,7 @@ def feature_fn(model: mae.MAE, mesh):
                  out_shardings=mesh_lib.replicated(mesh))
 
 
-def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-  """Zero mean, unit variance per feature, with the train statistics for every set."""
-  mu, sd = train.mean(0), train.std(0) + 1e-6
-  return [((x - mu) / sd).astype(np.float32) for x in (train, *others)]
-
-
 # ----------------------------------------------------------------------------- probes
-
-def ridge_fit(x, y, lam: float) -> tuple[np.ndarray, np.ndarray]:
-  """argmin_w,b mean((x w + b - y)^2) + lam |w|^2 in closed form; the bias is not penalised."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  xm, ym = x.mean(0), y.mean(0)
-  xc, yc = x - xm, y - ym
-  w = np.linalg.solve(xc.T @ xc + len(x) * lam * np.eye(x.shape[1]), xc.T @ yc)
-  return w, ym - xm @ w
-
-
-def ridge_loo_errors(x, y, lams) -> np.ndarray:
-  """Exact leave-one-out mean squared error of ``ridge_fit`` for each lambda (one SVD).
-
-  The penalty n * lam stays fixed when a row is left out; the LOO residual of
-  row i is r_i / (1 - h_ii), h the hat matrix including the unpenalised bias.
-  """
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64).reshape(len(x), -1)
-  n = len(x)
-  xc, yc = x - x.mean(0), y - y.mean(0)
-  u, sv, _ = np.linalg.svd(xc, full_matrices=False)
-  uty = u.T @ yc
-  errors = []
-  for lam in lams:
-    shrink = sv ** 2 / (sv ** 2 + n * lam)
-    residual = yc - u @ (shrink[:, None] * uty)
-    h = 1.0 / n + (u ** 2) @ shrink
-    with np.errstate(divide='ignore', invalid='ignore'):
-      err = np.mean((residual / (1 - h)[:, None]) ** 2)
-    errors.append(err if np.isfinite(err) and h.max() < 1 - 1e-9 else np.inf)
-  return np.asarray(errors)
-
-
-def ridge_select(x, y, lams) -> tuple[np.ndarray, np.ndarray, float]:
-  """``ridge_fit`` with the lambda of least leave-one-out error among ``lams``."""
-  lams = tuple(lams) if np.ndim(lams) else (lams,)
-  lam = float(lams[int(np.argmin(ridge_loo_errors(x, y, lams)))]) if len(lams) > 1 else lams[0]
-  return (*ridge_fit(x, y, lam), float(lam))
-
-
-def probe_loss(params, x, y, weights, kind: str, l2: float):
-  """Weighted mean cross-entropy (softmax or per-output sigmoid) + l2 / 2 |W|^2.
-
-  Multilabel: the per-output mean losses are summed, so every output is its own
-  logistic regression with the same penalty. Rows of weight 0 do not count at all.
-  """
-  logits = x @ params['w'] + params['b']
-  if kind == 'classification':
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-  else:
-    ce = optax.sigmoid_binary_cross_entropy(logits, y).sum(-1)
-  return jnp.sum(weights * ce) / jnp.sum(weights) + 0.5 * l2 * jnp.sum(params['w'] ** 2)
-
-
-@functools.partial(jax.jit, static_argnames=('kind', 'num_outputs', 'max_steps'))
-def _logistic_fit(x, y, weights, l2, tol, *, kind, num_outputs, max_steps):
-  fn = lambda p: probe_loss(p, x, y, weights, kind, l2)
-  opt = optax.lbfgs()
-  value_and_grad = optax.value_and_grad_from_state(fn)
-
-  def body(carry):
-    p, s = carry
-    value, grad = value_and_grad(p, state=s)
-    updates, s = opt.update(grad, s, p, value=value, grad=grad, value_fn=fn)
-    return optax.apply_updates(p, updates), s
-
-  def cond(carry):
-    _, s = carry
-    step, grad = optax.tree.get(s, 'count'), optax.tree.get(s, 'grad')
-    return (step == 0) | ((step < max_steps) & (optax.tree.norm(grad) >= tol))
-
-  p = {'w': jnp.zeros((x.shape[1], num_outputs)), 'b': jnp.zeros(num_outputs)}
-  p, s = jax.lax.while_loop(cond, body, (p, opt.init(p)))
-  return p, optax.tree.get(s, 'count'), fn(p)
-
-
-def logistic_fit(x, y, kind: str, num_outputs: int, l2: float, max_steps: int = 500,
-                 tol: float = 1e-5, rows=None) -> tuple[np.ndarray, np.ndarray]:
-  """Full-batch L-BFGS fit of a multinomial (classification) or per-output logistic probe.
-
-  ``rows``: fit on these rows only. They are selected by zero weights, so every
-  subset of ``x`` shares one compiled fit.
-  """
-  weights = np.ones(len(x), np.float32)
-  if rows is not None:
-    weights = np.zeros(len(x), np.float32)
-    weights[rows] = 1.0
-  y = jnp.asarray(y, jnp.int32 if kind == 'classification' else jnp.float32)
-  p, steps, loss = _logistic_fit(jnp.asarray(x, jnp.float32), y, weights, l2, tol, kind=kind,
-                                 num_outputs=num_outputs, max_steps=max_steps)
-  logging.debug('logistic probe: %d L-BFGS steps, loss %.4f', int(steps), float(loss))
-  return np.asarray(p['w']), np.asarray(p['b'])
-
 
 def fit_probe(data: TaskData, x, cfg, rows=None) -> tuple[np.ndarray, np.ndarray, dict]:
   """The task's linear probe on standardised train features ``x`` (``rows`` of them).
@@ -352,27 +254,11 @@ def fit_probe(data: TaskData, x, cfg, rows=None) -> tuple[np.ndarray, np.ndarray
   if data.spec.kind == 'regression':
     if rows is not None:
       x, y = x[rows], y[rows]
-    w, b, lam = ridge_select(x, y, cfg.ridge_lambda)
+    w, b, lam = probes.ridge_select(x, y, cfg.ridge_lambda)
     return w, b, {'ridge_lambda': lam}
-  w, b = logistic_fit(x, y, data.spec.kind, data.out_dim, cfg.l2, cfg.max_steps, cfg.tol, rows)
+  w, b = probes.logistic_fit(x, y, data.spec.kind, data.out_dim, cfg.l2, cfg.max_steps,
+                             cfg.tol, rows)
   return w, b, {'l2': cfg.l2}
-
-
-def fewshot_indices(labels, seed: int, kind: str, per_class: int = 10,
-                    fraction: float = 0.02) -> np.ndarray:
-  """Sorted rows of ``labels`` (the train split) for one few-shot draw.
-
-  Classification: ``per_class`` rows of each class (all of a smaller class);
-  otherwise ``fraction`` of the rows (at least 2). A pure function of its arguments.
-  """
-  labels = np.asarray(labels)
-  rng = np.random.default_rng([seed, len(labels)])
-  if kind == 'classification':
-    picks = [rng.choice(rows, min(per_class, len(rows)), replace=False)
-             for rows in (np.flatnonzero(labels == c) for c in np.unique(labels))]
-    return np.sort(np.concatenate(picks))
-  n = min(len(labels), max(2, int(round(fraction * len(labels)))))
-  return np.sort(rng.choice(len(labels), n, replace=False))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -445,7 +331,7 @@ def fewshot_probe(data: TaskData, x_train, x_val, cfg) -> tuple[dict, np.ndarray
   """
   f, runs, regs, sizes, preds = cfg.fewshot, [], [], [], []
   for seed in range(f.seeds):
-    rows = fewshot_indices(data.y_train, seed, data.spec.kind, f.per_class, f.fraction)
+    rows = probes.fewshot_indices(data.y_train, seed, data.spec.kind, f.per_class, f.fraction)
     scores, reg, pred = linear_probe(data, x_train, x_val, cfg.linear, rows)
     preds.append(pred)
     runs.append(scores)
@@ -583,8 +469,9 @@ class Job(stages_lib.StageStates):
     out, preds = {'train_prior': {**train_prior(data), **sizes}}, {}
     if {'linear', 'fewshot'} & set(self.protocols):
       t = time.perf_counter()
-      x_train, x_val = standardize(predict(self.features, self.params, data.train, c, self.mesh),
-                                   predict(self.features, self.params, data.val, c, self.mesh))
+      x_train, x_val = probes.standardize(
+          predict(self.features, self.params, data.train, c, self.mesh),
+          predict(self.features, self.params, data.val, c, self.mesh))
       seconds[f'{task}/features'] = time.perf_counter() - t
       if 'linear' in self.protocols:
         t = time.perf_counter()
