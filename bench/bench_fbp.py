@@ -40,7 +40,7 @@ def main(argv):
     job = fbp_kd.Job(config, workdir)
     mesh = job.mesh
     teacher_params = jax.jit(job.stage('teacher_finetune').init_fn)(jax.random.key(0))['params']
-    job.provide('teacher_finetune', teacher_params)
+    job.provide('teacher_finetune', {'params': teacher_params})
     print_header()
     for name in ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_kd'):
       stage = job.stage(name)

@@ -32,7 +32,7 @@ def run_precision(precision: str, workdir: str) -> dict:
   config.teacher.finetune.from_pretrained = config.student.kd.from_pretrained = False
   job = fbp_kd.Job(config, workdir)
   teacher = jax.jit(job.stage('teacher_finetune').init_fn)(jax.random.key(0))['params']
-  job.provide('teacher_finetune', teacher)
+  job.provide('teacher_finetune', {'params': teacher})
   return {name: (job.stage(name), bench_stage(job.stage(name), job.mesh, FLAGS.steps, 1))
           for name in FLAGS.stages.split(',')}
 

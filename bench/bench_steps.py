@@ -52,7 +52,6 @@ from bench.common import matmul_peak_gflops
 from faceflax import tasks, xla_setup
 from faceflax.tasks import age_mtmsa, face_prior, fbp_kd, lqfr_kd, transfer
 from faceflax.train import loop, mesh as mesh_lib, precision, stages as stages_lib
-from faceflax.train import state as state_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/fbp_kd.py', 'Config of the task to time.')
@@ -79,8 +78,7 @@ def fbp_kd_stages(config, workdir, names, make_state):
   config.teacher.finetune.from_pretrained = config.student.kd.from_pretrained = False
   job = fbp_kd.Job(config, workdir)
   if 'student_kd' in names:
-    teacher = make_state(job.stage('teacher_finetune', data=False))
-    job.provide('teacher_finetune', state_lib.trained_params(teacher))
+    job.provide('teacher_finetune', make_state(job.stage('teacher_finetune', data=False)))
   return {n: job.stage(n, data=False) for n in names}
 
 
@@ -114,7 +112,7 @@ def transfer_stages(config, workdir, names, make_state):
   for name in names:
     spec = transfer.TASKS[name[len('finetune_'):]]
     width = {'classification': spec.num_classes, 'multilabel': ATTRIBUTES}.get(spec.kind, 1)
-    out[name] = transfer.finetune_stage(name, job.model, spec, width, None, None, job.config)
+    out[name] = transfer.finetune_stage(name, job.model, spec, width, None, job.config)
   return out
 
 
@@ -131,8 +129,8 @@ def trained_stages(config) -> tuple[list[str], list[str]]:
     listed = task.parse_names(config.tasks, list(task.TASKS), 'tasks')
     protocols = task.parse_names(config.protocols, task.PROTOCOLS, 'protocols')
     return [task.stage_name(t) for t in listed] if 'finetune' in protocols else [], known
-  known = [s for s in task.STAGES if s != 'evaluate']
-  return [s for s in stages_lib.parse(config.stages, task.STAGES) if s != 'evaluate'], known
+  known = list(task.Job.STAGES)
+  return [s for s in stages_lib.parse(config.stages, task.Job.known_stages()) if s in known], known
 
 
 def stage_names(config) -> list[str]:

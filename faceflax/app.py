@@ -1,4 +1,6 @@
 """Entry point shared by ``main.py`` and the tests: config -> the task's mode."""
+import glob
+import json
 import logging as logging_std
 import os
 
@@ -10,7 +12,7 @@ from faceflax.data import bad_data
 from faceflax.train import files
 
 MODES = ('train', 'eval', 'predict', 'verify')
-ENTRY = {'predict': 'predict_photos', 'verify': 'verify'}  # the task function of each mode
+ENTRY = {'predict': 'run_predict', 'verify': 'run_verify'}  # the Job method of each mode
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -79,7 +81,7 @@ def run(config, workdir: str, mode: str = 'train', input_path: str = '', output:
   ops.keep_tensorflow_off_accelerators()  # before anything TensorFlow runs
   use_compilation_cache()
   try:
-    task = _check_before_work(config, workdir, mode, input_path, output)
+    job = _check_before_work(config, workdir, mode, input_path, output)
   except ValueError as e:  # the checks' ValueErrors are about the config or the flags
     if isinstance(e, expected_errors()):
       raise
@@ -95,30 +97,31 @@ def run(config, workdir: str, mode: str = 'train', input_path: str = '', output:
       stages.check_preprocessing_unchanged(config, workdir, allow_config_change)
     if mode == 'train':
       stages.check_config_unchanged(config, workdir, allow_config_change)
-      task.check_data(config, workdir)  # every split read now: bad data fails before training
+      job.check_data(config, workdir)  # every split read now: bad data fails before training
       stages.record_config(config, workdir)  # the config of what trains here, once it can
-      return task.train_and_evaluate(config, workdir)
+      return job.train_and_evaluate(config, workdir)
     if mode == 'predict':
-      return task.predict_photos(config, workdir, input_path, output, align)
+      return job.run_predict(config, workdir, input_path, output, align)
     if mode == 'verify':
-      return task.verify(config, workdir, input_path, align)
-    return task.evaluate(config, workdir)
+      return job.run_verify(config, workdir, input_path, align)
+    return job.run_eval(config, workdir)
 
 
 def _check_before_work(config, workdir, mode, input_path, output):
-  """Every check that needs no data, first: a bad config or flag fails in seconds. The task."""
+  """Every check that needs no data, first: a bad config or flag fails in seconds. The task's
+  Job class."""
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}: expected one of {MODES}')
   if not workdir:
     raise ValueError('--workdir is required')
-  task = tasks.get(config.task)
-  other = tasks.trained_by(workdir) if mode != 'train' else None
+  job = tasks.get(config.task).Job
+  other = trained_by(workdir) if mode != 'train' else None
   if other and other != config.task:
     raise ValueError(f'--workdir {workdir} holds a {other} run, but --config is for task '
                      f'{config.task!r}: use configs/{other}.py (with the preset it was trained '
                      'with) for this workdir')
   if mode in ('predict', 'verify'):
-    if not hasattr(task, ENTRY[mode]):
+    if not hasattr(job, ENTRY[mode]):
       raise ValueError(f'--mode={mode} is not available for task {config.task!r}'
                        + (' (verify is for lqfr_kd)' if mode == 'verify' else ''))
     if jax.process_count() > 1:
@@ -129,5 +132,21 @@ def _check_before_work(config, workdir, mode, input_path, output):
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # process 0 writes the log; the others only problems
   config_checks.check_common(config)
-  task.check_config(config)
-  return task
+  job.check_config(config)
+  return job
+
+
+def trained_by(workdir: str) -> str | None:
+  """The task whose run ``workdir`` holds: its recorded config.json, else (runs from before
+  it was recorded) the task whose stage folders are there; None for an empty workdir."""
+  path = os.path.join(workdir, 'config.json')
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f).get('task')
+  for name in tasks.names():
+    stages = tasks.get(name).Job.STAGES
+    if any(os.path.isdir(os.path.join(workdir, s, 'ckpt')) for s in stages):
+      return name
+  if glob.glob(os.path.join(workdir, 'finetune_*', 'ckpt')):
+    return 'transfer'
+  return None

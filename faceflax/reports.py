@@ -231,3 +231,15 @@ def probe_batch(images, pp: str, cache_pp: str, n: int = 4, labels=None) -> dict
 def probe_faces(paths, pp: str, cache_pp: str, n: int = 4) -> np.ndarray:
   """The first ``n`` images of ``paths`` as the model sees them in evaluation ([n, H, W, 3])."""
   return np.asarray(probe_batch(paths, pp, cache_pp, n)['image'])
+
+
+def save_attention(workdir: str, name: str, maps_of, images, config, writer=None) -> None:
+  """``maps_of(faces)`` (a tuple of [N, h, w] attention maps, one per network stage) over the
+  first faces of ``images`` as evaluation sees them -> ``reports/<name>.png``, one overlay
+  column per map; nothing when the model has no attention maps."""
+  from faceflax.data import pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
+  faces = probe_faces(images, config.data.eval_pp, pipeline.cache_pp(config))
+  maps = maps_of(faces)
+  if maps:
+    save(workdir, name, attention_overlay(faces, [np.asarray(m, np.float32) for m in maps]),
+         writer)

@@ -14,6 +14,7 @@ from faceflax import app
 from faceflax.data import synthetic
 from faceflax.data.errors import DataError
 from faceflax.data.folder import Examples
+from faceflax.models import resnet_msa
 from faceflax.tasks import age_mtmsa
 from faceflax.train import mesh as mesh_lib
 from tests import configs_for_tests
@@ -195,10 +196,10 @@ def test_tuple_overrides_parse_like_main(overrides, want):
   flag_values(argv)
   config = flag_values.config
   for key, value in want.items():
-    got = age_mtmsa.heads(config) if key == 'heads' else tuple(config.model[key])
+    got = resnet_msa.parse_heads(config.model.heads) if key == 'heads' else tuple(config.model[key])
     assert got == value, key
   assert config.train.seed == 3  # the loop's seed follows config.seed
-  model = age_mtmsa.make_model(config)
+  model = resnet_msa.from_config(config.model, config.data.image_size)
   assert tuple(model.msa_stages) == tuple(config.model.msa_stages)
 
 
@@ -213,8 +214,8 @@ def test_real_utkface_through_the_config_path():
   assert set(np.unique(labels['gender'])) == {0, 1}
   assert set(np.unique(labels['race'])) <= set(range(5))
   some = val.select(np.arange(16))
-  model = age_mtmsa.make_model(config)
-  variables = age_mtmsa.init_variables(model, jax.random.key(0), config.data.image_size)
+  model = resnet_msa.from_config(config.model, config.data.image_size)
+  variables = resnet_msa.init_variables(model, jax.random.key(0), config.data.image_size)
   pred = age_mtmsa.predict(model, variables, some, config, mesh_lib.make_mesh())
   report = age_mtmsa.score(pred, some)
   assert np.isfinite(report['age']['mae']) and report['age']['n'] == 16

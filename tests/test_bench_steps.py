@@ -86,8 +86,8 @@ def test_batch_spec_is_the_first_batch_fbp_kd(tmp_path):
   for unlabeled in (0, 8):  # the paper's KD batches add unlabeled faces
     config.student.kd.unlabeled_batch_size = unlabeled
     job = fbp_kd.Job(config, str(tmp_path))
-    job.provide('teacher_finetune', None)  # the teacher's params are no part of the batch
-    names = fbp_kd.STAGES[:-1] if not unlabeled else ('student_kd',)
+    job.provide('teacher_finetune', {'params': None})  # the teacher is no part of the batch
+    names = fbp_kd.Job.STAGES if not unlabeled else ('student_kd',)
     for name in names:
       _assert_spec(job.stage(name), job.stage(name, data=False))
 

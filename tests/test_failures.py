@@ -23,7 +23,7 @@ import pytest
 from clu import metric_writers
 from PIL import Image
 
-from faceflax import app, config_checks
+from faceflax import app, config_checks, downstream
 from faceflax.data import DataError, bad_data, get_preprocess_fn, pairs, read_folder, sources
 from faceflax.data.folder import load_array
 from faceflax.tasks import age_mtmsa, transfer
@@ -115,7 +115,7 @@ def test_out_of_range_score_and_age_and_unknown_class_are_named(folder, tmp_path
   (expressions / 'labels.csv').write_text('filename,label\nf0.jpg,0\nf1.jpg,6\nf2.jpg,9\nf3.jpg,1\n')
   spec = transfer.TASKS['expression']
   with pytest.raises(DataError, match=r"1 unknown class\(es\), not in 0\.\.6: .*f2\.jpg: column 'label': 9"):
-    transfer.known_classes(spec, read_folder(expressions, label_columns=('label',)), 'fer')
+    downstream.known_classes(spec, read_folder(expressions, label_columns=('label',)), 'fer')
 
 
 def test_empty_split_and_missing_column_are_named(folder):

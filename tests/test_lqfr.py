@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faceflax import app
-from faceflax.data import synthetic
+from faceflax import app, verification
+from faceflax.data import identities as identities_lib, synthetic
 from faceflax.data.errors import DataError
+from faceflax.models import resnext_cbam
 from faceflax.tasks import lqfr_kd
 from faceflax.train import mesh as mesh_lib
 from tests import configs_for_tests
@@ -112,13 +113,15 @@ def test_external_teacher(identities, tmp_path):
   _, stage, state, batch = _student_setup(config, tmp_path, 'student_external')
   assert state['params']['projector']['kernel'].shape[1] == 24
   ts = lqfr_kd.train_set(config)
-  np.testing.assert_array_equal(lqfr_kd.external_embeddings(config, ts), emb[ts.rows])
+  external = lambda: identities_lib.row_embeddings(lqfr_kd.external_path(config),
+                                                   config.data.dir, ts.rows)
+  np.testing.assert_array_equal(external(), emb[ts.rows])
   _, metrics = jax.jit(stage.update_fn)(state, batch, jax.random.key(0), *stage.consts)
   assert np.isfinite(float(metrics['output_kd'])) and 'attention_kd' not in metrics
 
   np.save(f'{identities}/ext.npy', emb[:-1])  # one row short
   with pytest.raises(DataError, match='ext.npy.*one row per'):
-    lqfr_kd.external_embeddings(config, ts)
+    external()
 
 
 def test_evaluation_embeddings_are_exact_over_padded_batches(identities):
@@ -126,12 +129,12 @@ def test_evaluation_embeddings_are_exact_over_padded_batches(identities):
   config.eval_batch_size = 24  # does not divide the number of images
   mesh = mesh_lib.make_mesh()
   ts = lqfr_kd.train_set(config)
-  model = lqfr_kd.make_model(config.teacher.model, ts.num_classes)
-  variables = lqfr_kd.init_variables(model, jax.random.key(0), config.data.image_size)
-  paths, _ = lqfr_kd.eval_pairs(config)
-  emb = lqfr_kd.embed(model, variables, paths, config, mesh, 'hq')
+  model = resnext_cbam.recognizer(config.teacher.model, ts.num_classes)
+  variables = resnext_cbam.init_variables(model, jax.random.key(0), config.data.image_size)
+  paths, _ = verification.eval_pairs(config)
+  emb = verification.embed(model, variables, paths, config, mesh, 'hq')
   assert emb.shape[0] == len(paths)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
   config.eval_batch_size = 8
-  np.testing.assert_allclose(lqfr_kd.embed(model, variables, paths, config, mesh, 'hq'), emb,
+  np.testing.assert_allclose(verification.embed(model, variables, paths, config, mesh, 'hq'), emb,
                              atol=1e-5)

@@ -263,9 +263,10 @@ def test_mae_init_through_a_small_copy_gives_the_full_size_parameters(stem):
 
 
 def test_age_init_on_a_small_face_gives_the_full_size_variables():
-  from faceflax.tasks import age_mtmsa  # pylint: disable=g-import-not-at-top
+  from faceflax.models import resnet_msa  # pylint: disable=g-import-not-at-top
   from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
-  model = age_mtmsa.make_model(configs_for_tests.load('age_mtmsa', 'test'))  # any input size
+  config = configs_for_tests.load('age_mtmsa', 'test')
+  model = resnet_msa.from_config(config.model, config.data.image_size)  # any input size
   rng = jax.random.key(4)
   full = model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, 80, 80, 3)))
-  jax.tree.map(np.testing.assert_array_equal, age_mtmsa.init_variables(model, rng, 80), full)
+  jax.tree.map(np.testing.assert_array_equal, resnet_msa.init_variables(model, rng, 80), full)

@@ -179,3 +179,33 @@ def test_mesh_config_errors():
   with pytest.raises(ValueError, match='does not cover'):
     mesh_lib.make_mesh({'data': 3, 'model': 1})
   assert dict(mesh_lib.make_mesh({'model': 4}).shape) == {'data': 2, 'model': 4}
+
+
+def _first_step(stage, mesh):
+  """(the initial state, the metrics of one update) on a fixed random batch over ``mesh``."""
+  init, abstract = loop.jit_init(stage, mesh, jax.random.key(0))
+  state = init(jax.random.key(0))
+  batch = {k: np.random.default_rng(i).uniform(-1, 1, s.shape).astype(s.dtype)
+           for i, (k, s) in enumerate(sorted(stage.batch_spec.items()))}
+  batch = mesh_lib.put_batch(batch, mesh)
+  update, _ = loop.compile_update(stage, mesh, batch, abstract)
+  return state, jax.device_get(update(state, batch, jax.random.key(1), *stage.consts)[1])
+
+
+@pytest.mark.parametrize('task', ['face_prior', 'transfer'])
+def test_model_axis_splits_the_vit_of_every_task(task, transfer_data_root, tmp_path):
+  from faceflax import tasks  # pylint: disable=g-import-not-at-top
+  config = configs_for_tests.load(task, 'test')
+  if task == 'transfer':
+    config.data.root = str(transfer_data_root)
+    job = tasks.get(task).Job(config, str(tmp_path), backbone=False)
+    name, prefix = 'finetune_expression', 'backbone'
+  else:
+    job = tasks.get(task).Job(config, str(tmp_path))
+    name, prefix = 'pretrain', 'mae'
+  stage = job.stage(name, data=False)
+  split, split_metrics = _first_step(stage, mesh_lib.make_mesh({'model': 2}))
+  kernel = _get(split['params'][prefix], MLP0)
+  assert kernel.sharding.spec == P(None, 'model')
+  _, metrics = _first_step(stage, mesh_lib.make_mesh({'model': 1}))
+  np.testing.assert_allclose(split_metrics['loss'], metrics['loss'], rtol=1e-5)

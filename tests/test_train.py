@@ -37,7 +37,7 @@ def test_unknown_stage_and_missing_data_dir(tmp_path):
   config = configs_for_tests.fbp()
   config.stages = 'teacher_pretrain,distill'
   with pytest.raises(ValueError, match='distill'):
-    fbp_kd.parse_stages(config)
+    fbp_kd.check_config(config)
   config.data.dir = str(tmp_path / 'nowhere')
   with pytest.raises(DataError, match='nowhere'):
     fbp_kd.labeled_examples(config, 'train', str(tmp_path))
@@ -97,7 +97,7 @@ def test_main_job_end_to_end_then_eval_mode(fbp_job, tmp_path):
       assert np.isfinite(saved[who][k]), (who, k)
     assert saved[who]['n'] == config.data.synthetic.num_val
   assert saved['student']['params'] < saved['teacher']['params']
-  assert set(saved['stage_seconds']) == set(fbp_kd.STAGES[:-1])
+  assert set(saved['stage_seconds']) == set(fbp_kd.Job.STAGES)
   # What each stage loaded, from where: every parameter of its pretraining stage.
   for stage, source in (('teacher_finetune', 'teacher_pretrain'), ('student_kd', 'student_pretrain')):
     loaded = saved['pretrained'][stage]
@@ -187,7 +187,7 @@ def _kd_step(tmp_path, alpha, beta):
   job = fbp_kd.Job(config, str(tmp_path))
   teacher = jax.jit(job.stage('teacher_finetune').init_fn)(jax.random.key(5))['params']
   teacher_copy = jax.tree.map(np.asarray, teacher)
-  job.provide('teacher_finetune', teacher)
+  job.provide('teacher_finetune', {'params': teacher})
   stage = job.stage('student_kd')
   state = jax.jit(stage.init_fn)(jax.random.key(0))
   before = jax.tree.map(np.asarray, state['params'])

@@ -11,7 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from faceflax import app, probes
+from faceflax import app, backbones, probes
 from faceflax.data import synthetic
 from faceflax.models import mae
 from faceflax.tasks import transfer
@@ -98,14 +98,14 @@ def _save_state(directory, params):
 @pytest.mark.parametrize('layout', ['mae', 'student', 'plain'])
 def test_backbone_params_are_found_in_each_layout(tmp_path, layout):
   config = configs_for_tests.load('transfer', 'test')
-  model = transfer.make_backbone(config)
+  model = mae.from_config(config.backbone.model, config.backbone.image_size)
   saved = mae.init_params(model, jax.random.key(7), config.backbone.image_size)
   wrapped = {'mae': {'mae': saved, 'prior': {'w': jnp.ones(3)}},
              'student': {'student': saved, 'projector': {'w': jnp.ones(2)}},
              'plain': saved}[layout]
   _save_state(tmp_path / 'pretrain' / 'ckpt', wrapped)
   config.backbone.workdir = str(tmp_path)
-  _, params, report = transfer.load_backbone(config, mesh_lib.make_mesh())
+  _, params, report = backbones.load_backbone(config, mesh_lib.make_mesh())
   assert report['layout'] == layout and report['step'] == 3
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(saved)):
     np.testing.assert_array_equal(got, want)
@@ -120,10 +120,10 @@ def test_mismatched_backbone_model_is_an_error(tmp_path):
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"(?s)'plain' params.*embed/.*kernel: model \(8, 8, 3, 32\), "
                            r"pretrained \(8, 8, 3, 16\).*encoder/block0"):
-    transfer.load_backbone(config, mesh_lib.make_mesh())
+    backbones.load_backbone(config, mesh_lib.make_mesh())
   config.backbone.stage = 'nowhere'
   with pytest.raises(checkpoint.CheckpointError, match='nowhere'):
-    transfer.load_backbone(config, mesh_lib.make_mesh())
+    backbones.load_backbone(config, mesh_lib.make_mesh())
 
 
 @pytest.mark.filterwarnings('ignore:the load_module')  # ml_collections' config loader
@@ -138,7 +138,7 @@ def test_docstring_overrides_build_the_fbp_teacher():
   flag_values(argv)
   config = flag_values.config
   teacher = mae.from_config(configs_for_tests.load('fbp_kd', 'scut').teacher.model, 64)
-  model = transfer.make_backbone(config)
+  model = mae.from_config(config.backbone.model, config.backbone.image_size)
   for field in ('width', 'depth', 'num_heads', 'stem', 'patch', 'stem_channels', 'stem_kernels',
                 'stem_stride', 'image_size'):
     assert getattr(model, field) == getattr(teacher, field), field

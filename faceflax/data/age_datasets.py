@@ -24,8 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from faceflax.data.errors import DataError
-from faceflax.data.folder import (Examples, check_relative, csv_rows, open_text, read_text,
-                                  screen_files)
+from faceflax.data.folder import (Examples, check_relative, csv_rows, drop_bad_rows, open_text,
+                                  read_folder, read_text, screen_files)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 MAX_AGE = 116  # UTKFace's range is 0..116; the other datasets lie inside it.
@@ -377,3 +377,66 @@ def read_adience(root, split='train', protocol='fold0', *, faces_dir='faces',
   if check_files:
     examples = screen_files(examples, f'{root} (folds {folds})')
   return Loaded(examples, tuple(skipped))
+
+
+# ----------------------------------------------------------------------------- the project's folder format
+
+def _class_problem(value, column: str, num: int) -> str | None:
+  """None for a class code in -1..num-1 or an empty value (unknown), else what is wrong."""
+  number = value
+  if isinstance(value, str):
+    if not value.strip():
+      return None
+    try:
+      number = float(value)
+    except ValueError:
+      number = None
+  if number is not None and np.isnan(number):
+    return None
+  if number is not None and np.isfinite(number) and number == round(number) and -1 <= number < num:
+    return None
+  shown = repr(value) if isinstance(value, str) else f'{value:g}'
+  return (f'column {column!r} must hold integer codes 0..{num - 1} (empty or -1 = unknown), '
+          f'got {shown}')
+
+
+def _class_codes(examples: Examples, column: str) -> np.ndarray:
+  """A checked class column as int32, empty or -1 = unknown (-1); absent = all unknown."""
+  if column not in examples.labels:
+    return np.full(len(examples), UNKNOWN, np.int32)
+  values = [float(v) if not isinstance(v, str) or v.strip() else np.nan
+            for v in examples.labels[column]]
+  return np.nan_to_num(np.asarray(values, np.float64), nan=UNKNOWN).astype(np.int32)
+
+
+def read_folder_format(data_dir, split=None) -> Examples:
+  """The project's folder format (labels.csv: filename, age, [gender, race, age_group, split])
+  with the four labels of the other readers; bad class codes are bad rows."""
+  examples = read_folder(data_dir, split, label_columns=('age',))
+  where = os.path.join(data_dir, 'labels.csv')
+  classes = {'gender': 2, 'race': 5, 'age_group': len(ADIENCE_GROUPS)}
+  for column, num in classes.items():
+    if column in examples.labels:
+      examples = drop_bad_rows(
+          examples, [_class_problem(v, column, num) for v in examples.labels[column]], where,
+          f'bad {column} code(s)')
+  labels = {'age': examples.labels['age'].astype(np.float32),
+            **{c: _class_codes(examples, c) for c in classes}}
+  return Examples(examples.name, examples.paths, labels, examples.rows, examples.store)
+
+
+FORMATS = ('folder', 'utkface', 'morph', 'adience')
+
+
+def read(data_dir, fmt: str, split=None, protocol: str = '') -> Loaded:
+  """``split`` of ``data_dir`` in format ``fmt`` (FORMATS); ``protocol`` '' = the format's
+  default (MORPH II: random_80_20, Adience: fold0; the others have fixed splits)."""
+  if fmt == 'folder':
+    return Loaded(read_folder_format(data_dir, split), ())
+  if fmt == 'utkface':
+    return read_utkface(data_dir, split, skip_malformed=True)
+  if fmt == 'morph':
+    return Loaded(read_morph(data_dir, split, protocol or 'random_80_20'), ())
+  if fmt == 'adience':
+    return read_adience(data_dir, split, protocol or 'fold0')
+  raise ValueError(f'data.format={fmt!r}: allowed values are {", ".join(FORMATS)}')

@@ -10,6 +10,7 @@ never on num, so a small set is a prefix of a larger one.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 
@@ -332,3 +333,17 @@ def _write_csv(path, header, rows):
         w.writerow(header)
         w.writerows(rows)
     os.replace(tmp, path)
+
+
+def built_in(kind: str, workdir: str, settings: dict) -> str:
+  """The folder of the built-in dataset ``kind`` ('faces': scored faces; 'identities':
+  identities with verification pairs), drawn once into ``<workdir>/synthetic_<kind>`` with
+  ``settings`` (a config's ``data.synthetic``) by process 0 while the others wait."""
+  from faceflax import distributed  # pylint: disable=g-import-not-at-top  # jax
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  name = f'synthetic_{kind}'
+  write = {'faces': write_folder_dataset, 'identities': write_identity_dataset}[kind]
+  folder = distributed.process_zero_first(
+      functools.partial(write, os.path.join(workdir, name), **settings), name)
+  logging.info('no data.dir given: using the built-in procedurally drawn %s in %s', kind, folder)
+  return folder

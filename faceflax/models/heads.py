@@ -49,3 +49,12 @@ class ArcFaceHead(nn.Module):
     w = weight * jax.lax.rsqrt(jnp.maximum(jnp.sum(weight * weight, axis=0, keepdims=True),
                                            self.eps))
     return x @ w
+
+
+class TokenProjector(nn.Module):
+  """Maps each of a student's token sets to a teacher's width (feature distillation)."""
+  widths: Sequence[int]
+
+  @nn.compact
+  def __call__(self, tokens):
+    return [nn.Dense(w, name=f'proj{i}')(t) for i, (w, t) in enumerate(zip(self.widths, tokens))]

@@ -198,3 +198,33 @@ def make(variant: str, **overrides) -> ResNetMSA:
   if variant not in VARIANTS:
     raise ValueError(f'unknown ResNet-MSA variant {variant!r}; known: {sorted(VARIANTS)}')
   return functools.partial(ResNetMSA, **VARIANTS[variant])(**overrides)
+
+
+def parse_heads(value) -> tuple[str, ...]:
+  """A config's ``model.heads`` as names; also accepts one 'age,gender' string (a shell
+  override). The age head is required."""
+  value = (value,) if isinstance(value, str) else tuple(value)
+  names = tuple(n.strip() for v in value for n in str(v).split(',') if n.strip())
+  unknown = [n for n in names if n not in HEADS]
+  if unknown:
+    raise ValueError(f'model.heads: unknown head(s) {unknown}; allowed: {", ".join(HEADS)}')
+  if 'age' not in names:
+    raise ValueError(f'model.heads={names}: the age head is required (allowed: '
+                     f'{", ".join(HEADS)})')
+  return tuple(dict.fromkeys(names))
+
+
+def from_config(model_config, image_size: int, dtype=jnp.float32) -> ResNetMSA:
+  """The network of a config's model dict (``variant`` + overrides); ``dtype``: compute dtype."""
+  m = model_config
+  return make(m.variant, msa_stages=tuple(m.msa_stages), msa_rates=tuple(m.msa_rates),
+              heads=parse_heads(m.heads), max_age=m.max_age, dropout=m.dropout,
+              image_size=image_size, dtype=dtype)
+
+
+def init_variables(model: ResNetMSA, rng, size: int) -> dict:
+  """Parameters and BatchNorm statistics, initialised on a 64 px face at most: the heads
+  read mean-pooled features, so no variable depends on the image size, and start-up traces
+  and compiles a small forward pass instead of the training one."""
+  size = min(size, 64)
+  return model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, size, size, 3)))

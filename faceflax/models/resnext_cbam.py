@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from faceflax.models import heads
+
 
 def per_group_conv(lhs, rhs, *args, dimension_numbers=None, feature_group_count: int = 1,
                    **kwargs):
@@ -203,3 +205,27 @@ def make(variant: str, **overrides) -> ResNeXtCBAM:
   if variant not in VARIANTS:
     raise ValueError(f'unknown ResNeXt-CBAM variant {variant!r}; known: {sorted(VARIANTS)}')
   return functools.partial(ResNeXtCBAM, **VARIANTS[variant])(**overrides)
+
+
+class Recognizer(nn.Module):
+  """Backbone embedding plus an ArcFace classifier over the training identities."""
+  backbone: nn.Module
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    out = dict(self.backbone(images, train=train))
+    out['cosine'] = heads.ArcFaceHead(self.num_classes, name='arcface')(out['embedding'])
+    return out
+
+
+def recognizer(model_config, num_classes: int, dtype=jnp.float32) -> Recognizer:
+  """The ``Recognizer`` of a config's model dict (``variant`` + overrides) over
+  ``num_classes`` identities; ``dtype``: compute dtype (``precision.compute_dtype``)."""
+  kwargs = dict(model_config)
+  return Recognizer(make(kwargs.pop('variant'), dtype=dtype, **kwargs), num_classes)
+
+
+def init_variables(model: nn.Module, rng, size: int) -> dict:
+  """Parameters and BatchNorm statistics of ``model`` on a ``size`` px face."""
+  return model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, size, size, 3)))

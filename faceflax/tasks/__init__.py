@@ -1,40 +1,24 @@
-"""Methods, chosen by name from ``config.task``; each module has its stages and steps.
-
-A task module exposes ``check_config(config)`` (inconsistent settings, raised
-before any data is read or step compiled), ``train_and_evaluate(config, workdir)``
-and ``evaluate(config, workdir)``; ``check_data(config, workdir)`` reads every split the
-listed stages use, before the first one trains.
-``predict_photos(config, workdir, input_path, output, align)`` scores new photos
-(``--mode=predict``, through ``faceflax.predict``); lqfr_kd also has
-``verify(config, workdir, input_path, align)``.
+"""Methods, chosen by name from ``config.task``: the module ``faceflax/tasks/<task>.py`` is
+one method's models, steps and metrics, declared on its ``Job`` (a ``faceflax.train.job.Job``,
+which runs the modes); lqfr_kd's Job also has ``run_verify``. A new file here is a new task
+(README "Layout": adding a method); a dotted ``config.task`` ('my_project.my_task') names a
+task module outside this package.
 """
-import glob
 import importlib
-import json
-import os
+import pkgutil
 
-TASKS = {'fbp_kd': 'faceflax.tasks.fbp_kd', 'lqfr_kd': 'faceflax.tasks.lqfr_kd',
-         'age_mtmsa': 'faceflax.tasks.age_mtmsa', 'face_prior': 'faceflax.tasks.face_prior',
-         'transfer': 'faceflax.tasks.transfer'}
+
+def names() -> list[str]:
+  """Every task: the modules of this package."""
+  return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith('_'))
 
 
 def get(name: str):
-  if name not in TASKS:
-    raise ValueError(f'unknown task {name!r}; known: {sorted(TASKS)}')
-  return importlib.import_module(TASKS[name])
-
-
-def trained_by(workdir: str) -> str | None:
-  """The task whose run ``workdir`` holds: its recorded config.json, else (runs from before
-  it was recorded) the task whose stage folders are there; None for an empty workdir."""
-  path = os.path.join(workdir, 'config.json')
-  if os.path.isfile(path):
-    with open(path) as f:
-      return json.load(f).get('task')
-  for name in TASKS:
-    stages = getattr(get(name), 'STAGES', ())
-    if any(os.path.isdir(os.path.join(workdir, s, 'ckpt')) for s in stages):
-      return name
-  if glob.glob(os.path.join(workdir, 'finetune_*', 'ckpt')):
-    return 'transfer'
-  return None
+  if '.' in name:  # a task module of another package (a project's own methods)
+    try:
+      return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      raise ValueError(f'task {name!r}: no such module ({e})') from e
+  if name not in names():
+    raise ValueError(f'unknown task {name!r}; known: {names()} (or a dotted module path)')
+  return importlib.import_module(f'{__name__}.{name}')

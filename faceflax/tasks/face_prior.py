@@ -18,7 +18,6 @@ The encoder is scored downstream by the transfer benchmark (``configs/transfer.p
 backbone stage 'pretrain'; the checkpoint's params are {'mae': ..., 'prior': ...}).
 """
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -31,10 +30,9 @@ from faceflax.data import face_regions, pipeline, records
 from faceflax.data.errors import DataError
 from faceflax.data.folder import in_split, read_folder
 from faceflax.models import mae
-from faceflax.train import loop, mesh as mesh_lib, optim, precision
-from faceflax.train import stages as stages_lib, state as state_lib
+from faceflax.train import job as job_lib, loop, mesh as mesh_lib, optim, stages as stages_lib
+from faceflax.train import state as state_lib
 
-STAGES = ('pretrain', 'evaluate')
 TERMS = ('pixel', 'patch', 'component')
 
 
@@ -54,15 +52,10 @@ def check_config(config) -> None:
   weights = {t: p[f'{t}_weight'] for t in TERMS}
   if any(w < 0 for w in weights.values()) or not any(weights.values()):
     raise ValueError(f'prior weights {weights}: need >= 0 and at least one > 0')
-  config_checks.check_mae(make_model(config), 'model')
+  config_checks.check_mae(mae.from_config(config.model, config.data.image_size), 'model')
   if not 0 < p.membership_threshold <= 1:
     raise ValueError(f'prior.membership_threshold={p.membership_threshold}: must be in (0, 1]')
-  stages_lib.parse(config.stages, STAGES)
-
-
-def make_model(config) -> mae.MAE:
-  return mae.from_config(config.model, config.data.image_size,
-                         precision.compute_dtype(config.train))
+  stages_lib.parse(config.stages, Job.known_stages())
 
 
 def init_params(model: mae.MAE, heads: PriorHeads, rng, size: int) -> dict:
@@ -168,7 +161,9 @@ def load_faces(config, split: str) -> tuple[object, np.ndarray]:
 
 # ----------------------------------------------------------------------------- stages
 
-def pretrain_stage(name, model, heads, config, faces) -> loop.Stage:
+def pretrain_stage(model, heads, config) -> loop.Stage:
+  """The face-prior step (without batches: ``Job.batches``); the MAE's parameters may be
+  split over the mesh's 'model' axis like fbp_kd's, the small heads are replicated."""
   cfg, size = config.train, config.data.image_size
   tx, sched = optim.adamw(cfg, cfg.steps)
 
@@ -178,17 +173,12 @@ def pretrain_stage(name, model, heads, config, faces) -> loop.Stage:
   def loss_fn(params, batch, rng):
     return prior_terms(model, heads, config.prior, params, batch, rng)
 
-  def batches(start_step):  # faces is None when the stage is only restored
-    images, shapes = faces
-    return pipeline.train_batches(config, images, {'face_shapes': shapes},
-                                  batch_size=cfg.batch_size, pp=config.data.train_pp,
-                                  seed=config.seed)(start_step=start_step)
-
+  template = jax.eval_shape(lambda rng: init_params(model, heads, rng, size), jax.random.key(0))
+  axes = {'mae': mae.param_axes(model, size),
+          'prior': mesh_lib.unsplit_axes(template['prior'])}
   # data.train_pp keeps the image and its region map (face_regions: one channel per region)
-  shapes = loop.batch_spec(cfg.batch_size, size, regions=(size, size, len(face_regions.REGIONS)))
-  return loop.Stage(name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
-                    update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-                    batches=batches, batch_spec=shapes, loss_fn=loss_fn)
+  return loop.train_stage('pretrain', cfg, (tx, sched), init_fn, loss_fn, size,
+                          {'regions': (size, size, len(face_regions.REGIONS))}, param_axes=axes)
 
 
 def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
@@ -218,25 +208,39 @@ def evaluate_terms(model, heads, config, params, faces, mesh) -> dict:
   return {k: v / len(ds) for k, v in sums.items()} | {'n': whole, 'n_left_out': len(images) - whole}
 
 
-# ----------------------------------------------------------------------------- orchestration
+# ----------------------------------------------------------------------------- the job
 
-class Job(stages_lib.StageStates):
-  known_stages = STAGES
+class Job(job_lib.Job):
+  """One 'pretrain' stage; its encoder is scored downstream by configs/transfer.py."""
 
-  def __init__(self, config, workdir):
-    check_config(config)
-    self.config, self.workdir = config, workdir
-    self.mesh = mesh_lib.make_mesh(config.get('mesh'))
-    self.model = make_model(config)
+  STAGES = ('pretrain',)
+  check_config = staticmethod(check_config)
+
+  def __init__(self, config, workdir, restore_only: bool = False):
+    super().__init__(config, workdir, restore_only)
+    self.model = mae.from_config(config.model, config.data.image_size, self.dtype)
     self.heads = PriorHeads(len(face_regions.REGIONS), self.model.width)
 
-  def stage(self, name, restore_only: bool = False) -> loop.Stage:
-    if name != 'pretrain':
-      raise KeyError(name)
-    faces = None if restore_only else load_faces(self.config, self.config.data.train_split)
-    return pretrain_stage(name, self.model, self.heads, self.config, faces)
+  @staticmethod
+  def data_reads(config, workdir):
+    del workdir
+    return {'pretrain': lambda: load_faces(config, config.data.train_split),
+            'evaluate': lambda: load_faces(config, config.data.eval_split)}
 
-  def evaluate_on(self, split: str, prefix: str = 'eval') -> dict:
+  def eval_name(self) -> str:
+    return f'eval_{self.config.eval.split}'
+
+  def build(self, name, upstream):
+    del name, upstream  # one stage, nothing upstream
+    return pretrain_stage(self.model, self.heads, self.config)
+
+  def batches(self, name):
+    c = self.config
+    images, shapes = load_faces(c, c.data.train_split)
+    return pipeline.train_batches(c, images, {'face_shapes': shapes},
+                                  batch_size=c.train.batch_size, pp=c.data.train_pp, seed=c.seed)
+
+  def evaluate(self, split, prefix):
     faces = load_faces(self.config, split)
     params = self.state('pretrain')['params']
     results = {'val': evaluate_terms(self.model, self.heads, self.config, params, faces,
@@ -270,64 +274,20 @@ class Job(stages_lib.StageStates):
     reports.save(self.workdir, f'{prefix}_reconstruction', np.concatenate(list(grid), 0),
                  self.writer)
 
+  def predict_heads(self):
+    """The pooled encoder features -> ``<output stem>_features.npy`` (+ CSV), aligned to the
+    chips of the first of ``data.datasets``."""
+    from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top  # TensorFlow
+    params = self.state('pretrain')['params']['mae']
+    fn = job_lib.replicated_jit(lambda p, x: self.model.apply({'params': p}, x)['pooled'],
+                                self.mesh)
+    head = predict_lib.Head(lambda x: {'features': fn(params, x)}, self.config.data.image_size,
+                            dataset_name(dataset_entries(self.config)[0]))
+    return [head], None
 
-def check_data(config, workdir: str) -> None:
-  """Reads (and so checks) the pretraining and evaluation faces before anything trains."""
-  del workdir
-  stages_lib.read_listed(config, STAGES, {
-      'pretrain': lambda: load_faces(config, config.data.train_split),
-      'evaluate': lambda: load_faces(config, config.data.eval_split)})
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-  start = time.perf_counter()
-  check_config(config)
-  names = stages_lib.parse(config.stages, STAGES)
-  os.makedirs(workdir, exist_ok=True)
-  job = Job(config, workdir)
-  if 'pretrain' in names:
-    job.state('pretrain')
-  if 'evaluate' not in names:
-    return {}
-  results = job.evaluate_on(config.data.eval_split)
-  results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
-  results['wall_seconds_this_run'] = time.perf_counter() - start
-  log_results(results, job.writer)
-  stages_lib.write_results(os.path.join(workdir, 'results.json'), results)
-  return results
-
-
-def evaluate(config, workdir: str) -> dict:
-  """Re-scores the pretraining terms of ``workdir`` on ``data.datasets`` / ``eval.split``."""
-  check_config(config)
-  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
-  results = job.evaluate_on(config.eval.split, f'eval_{config.eval.split}')
-  log_results(results, None)
-  results['restored'] = job.restored
-  stages_lib.write_results(os.path.join(workdir, f'eval_{config.eval.split}.json'), results)
-  return results
-
-
-def predict_photos(config, workdir: str, input_path: str, output: str,
-                   align: str = 'auto') -> dict:
-  """The pooled encoder features of new photos -> ``<output stem>_features.npy`` (+ CSV).
-
-  Aligned to the chips of the first of ``data.datasets``.
-  """
-  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
-  check_config(config)
-  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
-  params = job.state('pretrain')['params']['mae']
-  fn = jax.jit(lambda p, x: job.model.apply({'params': p}, x)['pooled'],
-               out_shardings=mesh_lib.replicated(job.mesh))
-  head = predict_lib.Head(lambda x: {'features': fn(params, x)}, config.data.image_size,
-                          dataset_name(dataset_entries(config)[0]))
-  return predict_lib.run(input_path, output, [head], job.mesh, config.eval_batch_size, align)
-
-
-def log_results(results: dict, writer) -> None:
-  val = {k: v for k, v in results['val'].items() if k not in ('n', 'n_left_out')}
-  logging.info('face-prior val (n=%d): %s', results['val']['n'],
-               '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
-  if writer is not None:
-    writer.write_scalars(0, {f'eval/{k}': v for k, v in val.items()})
+  @staticmethod
+  def log_results(results: dict, writer) -> None:
+    val = {k: v for k, v in results['val'].items() if k not in ('n', 'n_left_out')}
+    logging.info('face-prior val (n=%d): %s', results['val']['n'],
+                 '  '.join(f'{k}={v:.4f}' for k, v in val.items()))
+    job_lib.log_scalars(writer, {f'eval/{k}': v for k, v in val.items()})

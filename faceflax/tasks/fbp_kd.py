@@ -10,36 +10,18 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
   evaluate          PC / MAE / RMSE, parameter counts and FLOPs -> results.json
 """
 import functools
-import os
-import time
 
 import einops
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from faceflax import config_checks, distributed, losses, metrics, reports
+from faceflax import config_checks, losses, metrics, reports
 from faceflax.data import align as align_lib, pipeline, sources, synthetic
-from faceflax.models import mae
-from faceflax.train import checkpoint, loop, mesh as mesh_lib, mixing, optim, precision
+from faceflax.models import heads, mae
+from faceflax.train import evaluation, job as job_lib, loop, mesh as mesh_lib, mixing, optim
 from faceflax.train import stages as stages_lib, state as state_lib
-
-STAGES = ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_kd', 'evaluate')
-
-
-# ----------------------------------------------------------------------------- models
-
-class FeatureProjector(nn.Module):
-  """Maps student tokens to the teacher's width for feature distillation."""
-  widths: tuple
-
-  @nn.compact
-  def __call__(self, tokens):
-    return [nn.Dense(w, name=f'proj{i}')(t) for i, (w, t) in enumerate(zip(self.widths, tokens))]
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -47,12 +29,7 @@ def labeled_examples(config, split: str, workdir: str):
   """The labeled faces; with no ``data.dir``, the built-in synthetic faces."""
   data_dir = config.data.dir
   if not data_dir:
-    s = config.data.synthetic
-    data_dir = distributed.process_zero_first(functools.partial(
-        synthetic.write_folder_dataset, os.path.join(workdir, 'synthetic_faces'),
-        num_train=s.num_train, num_val=s.num_val, num_test=s.num_test, size=s.size,
-        seed=s.seed), 'synthetic_faces')
-    logging.info('no data.dir given: using the built-in procedurally drawn faces in %s', data_dir)
+    data_dir = synthetic.built_in('faces', workdir, config.data.synthetic.to_dict())
   fold = config.data.get('cv_fold', 0)
   if not fold:
     return sources.load_examples(data_dir, split, label_columns=('score',),
@@ -84,7 +61,7 @@ def train_batches(config, images, labels, batch_size, seed):
 
 # ----------------------------------------------------------------------------- stages
 
-def pretrain_stage(name, model, cfg, paths, config) -> loop.Stage:
+def pretrain_stage(name, model, cfg, config) -> loop.Stage:
   size = config.data.image_size
 
   def init_fn(rng):
@@ -98,16 +75,11 @@ def pretrain_stage(name, model, cfg, paths, config) -> loop.Stage:
                       rngs={'mask': rng, 'dropout': jax.random.fold_in(rng, 1)})
     return losses.mae_reconstruction(out['pred'], out['target'], out['mask'], cfg.norm_pix), {}
 
-  return loop.Stage(
-      name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
-      update_fn=state_lib.make_update(loss_fn, tx), schedule=sched,
-      batches=train_batches(config, paths, {}, cfg.batch_size, config.seed),
-      batch_spec=loop.batch_spec(cfg.batch_size, size),
-      param_axes=mae.param_axes(model, size), tx=tx)
+  return loop.train_stage(name, cfg, (tx, sched), init_fn, loss_fn, size,
+                          param_axes=mae.param_axes(model, size))
 
 
-def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage:
-  """``examples`` None: no batches (a stage built only to load its checkpoint)."""
+def finetune_stage(name, model, cfg, pretrained, config) -> loop.Stage:
   size = config.data.image_size
 
   loaded = {}
@@ -125,13 +97,8 @@ def finetune_stage(name, model, cfg, examples, pretrained, config) -> loop.Stage
     out = model.apply({'params': params}, batch['image'], train=True, rngs={'dropout': rng})
     return score_terms(model, cfg, out, batch['score'])
 
-  batches = None if examples is None else train_batches(
-      config, examples.images, {'score': examples.labels['score']}, cfg.batch_size, config.seed + 1)
-  return loop.Stage(
-      name=name, num_steps=cfg.steps, batch_size=cfg.batch_size, init_fn=init_fn,
-      update_fn=state_lib.make_update(loss_fn, tx, cfg.ema_decay), schedule=sched, batches=batches,
-      batch_spec=loop.batch_spec(cfg.batch_size, size, score=()),
-      param_axes=mae.param_axes(model, size), tx=tx, loaded=loaded)
+  return loop.train_stage(name, cfg, (tx, sched), init_fn, loss_fn, size, {'score': ()},
+                          param_axes=mae.param_axes(model, size), loaded=loaded)
 
 
 def mix(cfg, batch, rng):
@@ -206,17 +173,15 @@ def output_kd(cfg, s_out, t_out) -> jax.Array:
   return losses.distillation_kl(s_out['logits'], t_out['logits'], cfg.temperature)
 
 
-def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teacher_params,
-             config) -> loop.Stage:
+def kd_stage(name, student, teacher, cfg, pretrained, teacher_params, config) -> loop.Stage:
   """Student step with the frozen teacher's forward pass inside (one XLA graph).
 
-  ``examples`` None: no batches (a stage built only to load its checkpoint, or to time its
-  step). Each batch holds ``cfg.unlabeled_batch_size`` unlabeled faces after the labeled
-  ones (``unlabeled``: their images; never empty, they include the labeled train faces).
+  Each batch (``kd_batches``) holds ``cfg.unlabeled_batch_size`` unlabeled faces after the
+  labeled ones.
   """
   size = config.data.image_size
   pairs = kd_pairs(cfg, student, teacher)  # check_config has checked the grids
-  projector = FeatureProjector(tuple(teacher.width for _ in pairs))
+  projector = heads.TokenProjector(tuple(teacher.width for _ in pairs))
 
   loaded = {}
 
@@ -253,20 +218,16 @@ def kd_stage(name, student, teacher, cfg, examples, unlabeled, pretrained, teach
       total += cfg.beta * terms['feature_kd']
     return total, terms
 
-  batch_size = cfg.batch_size + cfg.unlabeled_batch_size
-  return loop.Stage(
-      name=name, num_steps=cfg.steps, batch_size=batch_size, init_fn=init_fn,
-      update_fn=state_lib.make_update(loss_fn, tx, cfg.ema_decay), schedule=sched,
-      batches=None if examples is None else kd_batches(cfg, examples, unlabeled, config),
-      batch_spec=loop.batch_spec(batch_size, size, score=(), has_label=()),
-      consts=(teacher_params,), tx=tx, loaded=loaded,
-      param_axes={'student': mae.param_axes(student, size),
-                  'projector': jax.tree.map(lambda _: jax.sharding.PartitionSpec(),
-                                            template['projector'])})
+  return loop.train_stage(
+      name, cfg, (tx, sched), init_fn, loss_fn, size, {'score': (), 'has_label': ()},
+      batch_size=cfg.batch_size + cfg.unlabeled_batch_size, consts=(teacher_params,),
+      loaded=loaded, param_axes={'student': mae.param_axes(student, size),
+                                 'projector': mesh_lib.unsplit_axes(template['projector'])})
 
 
 def kd_batches(cfg, examples, unlabeled, config):
-  """start_step -> batches of ``cfg.batch_size`` labeled faces, then (if any) unlabeled ones."""
+  """start_step -> batches of ``cfg.batch_size`` labeled faces, then (if any) unlabeled ones
+  (``unlabeled``: their images; never empty, they include the labeled train faces)."""
   score = examples.labels['score']
   labeled = train_batches(config, examples.images, {'score': score, 'has_label': np.ones_like(score)},
                           cfg.batch_size, config.seed + 2)
@@ -305,33 +266,15 @@ def score_fn(model, flip_tta: bool):
 
 
 def predict_scores(model, params, examples, config, mesh) -> tuple[np.ndarray, np.ndarray]:
-  """(predicted, true) scores of every example exactly once, gathered over processes.
-
-  The padded final batch is dropped by its mask, so no example is lost or
-  counted twice whatever the batch size and process count.
-  """
-  bs = config.eval_batch_size
-  mesh_lib.check_batch_size(bs, 'eval_batch_size')
-  forward = jax.jit(score_fn(model, config.eval.flip_tta), out_shardings=mesh_lib.replicated(mesh))
-  ds = pipeline.make_eval_dataset(examples.images, {'score': examples.labels['score']},
-                                  batch_size=bs, pp=config.data.eval_pp,
-                                  cache_pp=pipeline.cache_pp(config),
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count(), progress='evaluate')
-  preds, targets = [], []
-  for batch in ds:
-    batch = mesh_lib.put_batch(batch, mesh)
-    pred = np.asarray(forward(params, batch['image']))
-    target, mask = (np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
-                    for k in ('score', 'mask'))
-    preds.append(pred[mask])
-    targets.append(target[mask])
-  return np.concatenate(preds), np.concatenate(targets)
+  """(predicted, true) scores of every example exactly once, in order."""
+  forward = job_lib.replicated_jit(score_fn(model, config.eval.flip_tta), mesh)
+  pred = evaluation.predict_images(forward, params, examples.images, config, mesh)
+  return pred, np.asarray(examples.labels['score'], np.float32)
 
 
 def model_report(model, params, size: int) -> dict:
-  x = jnp.zeros((1, size, size, 3), jnp.float32)
-  flops = loop.flops_per_example(lambda p, im: model.apply({'params': p}, im)['score'], params, x)
+  flops = loop.flops_per_image(lambda p, im: model.apply({'params': p}, im)['score'], params,
+                               size)
   return {'params': loop.count_params(params), 'mflops_per_image': flops / 1e6}
 
 
@@ -347,15 +290,11 @@ def score_models(models: dict, examples, config, mesh, keep: dict | None = None)
   return out
 
 
-# ----------------------------------------------------------------------------- orchestration
-
-def parse_stages(config) -> list[str]:
-  return stages_lib.parse(config.stages, STAGES)
-
+# ----------------------------------------------------------------------------- config
 
 def check_config(config) -> None:
   """Inconsistent settings, before any data is read or step compiled (``app.run`` calls it)."""
-  parse_stages(config)
+  stages_lib.parse(config.stages, Job.known_stages())
   fold = config.data.get('cv_fold', 0)
   if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
     raise ValueError(f'data.cv_fold={fold!r}: expected 0 (off) or a fold number >= 1')
@@ -382,59 +321,66 @@ def check_config(config) -> None:
                      'check the models\' patch sizes')
 
 
-def check_data(config, workdir: str) -> None:
-  """Reads (and so checks) every split the listed stages use, before the first one trains."""
-  names, kd = parse_stages(config), config.student.kd
-  labeled_examples(config, config.data.train_split, workdir)
-  if 'evaluate' in names:
-    labeled_examples(config, config.data.eval_split, workdir)
-  if {'teacher_pretrain', 'student_pretrain'} & set(names) or kd.unlabeled_batch_size:
-    unlabeled_images(config, workdir)
+# ----------------------------------------------------------------------------- the job
 
-
-class Job(stages_lib.JobWriter):
+class Job(job_lib.Job):
   """Builds each stage lazily; a stage's inputs come from earlier stages' checkpoints."""
 
-  def __init__(self, config, workdir):
-    self.config, self.workdir = config, workdir
-    self.mesh = mesh_lib.make_mesh(config.get('mesh'))
-    size, dtype = config.data.image_size, precision.compute_dtype(config.train)
-    self.teacher = mae.from_config(config.teacher.model, size, dtype)
-    self.student = mae.from_config(config.student.model, size, dtype)
-    self._cache = {}
+  STAGES = ('teacher_pretrain', 'teacher_finetune', 'student_pretrain', 'student_kd')
+  check_config = staticmethod(check_config)
 
-  def stage(self, name, restore_only: bool = False, data: bool = True) -> loop.Stage:
-    """Builds a stage; ``restore_only`` skips its inputs and data (enough to load its checkpoint).
+  def __init__(self, config, workdir, restore_only: bool = False):
+    super().__init__(config, workdir, restore_only)
+    size = config.data.image_size
+    self.teacher = mae.from_config(config.teacher.model, size, self.dtype)
+    self.student = mae.from_config(config.student.model, size, self.dtype)
 
-    Restoring reads no data, so a trained workdir predicts without its dataset.
-    ``data=False``: the stage as training builds it (the teacher and pretrained weights
-    included) without reading data: no batches, its ``batch_spec`` only (bench/bench_steps.py).
-    """
-    c, w = self.config, self.workdir
-    data = data and not restore_only
-    upstream = (lambda n: None) if restore_only else self.params
+  @staticmethod
+  def data_reads(config, workdir):
+    kd = config.student.kd
+    train = functools.cache(lambda: labeled_examples(config, config.data.train_split, workdir))
+    unlabeled = functools.cache(lambda: unlabeled_images(config, workdir))
+    reads = {'teacher_pretrain': unlabeled, 'student_pretrain': unlabeled,
+             'teacher_finetune': train,
+             'student_kd': (lambda: (train(), unlabeled())) if kd.unlabeled_batch_size else train,
+             'evaluate': lambda: labeled_examples(config, config.data.eval_split, workdir)}
+    return reads
+
+  def record_facts(self):
+    # The data folder's name picks --mode=predict's alignment template: predict needs no data.
+    stages_lib.record_facts(self.workdir, dataset=align_lib.folder_name(self.config.data.dir))
+
+  def build(self, name, upstream):
+    c = self.config
     if name == 'teacher_pretrain':
-      st = pretrain_stage(name, self.teacher, c.teacher.pretrain, self.unlabeled if data else (), c)
+      st = pretrain_stage(name, self.teacher, c.teacher.pretrain, c)
       st.on_log = self._reconstruction_logger(self.teacher, c.teacher.pretrain, name)
       return st
     if name == 'student_pretrain':
-      return pretrain_stage(name, self.student, c.student.pretrain,
-                            self.unlabeled if data else (), c)
-    train = labeled_examples(c, c.data.train_split, w) if data else None
+      return pretrain_stage(name, self.student, c.student.pretrain, c)
     if name == 'teacher_finetune':
-      pretrained = self._pretrained('teacher_pretrain', c.teacher.finetune, restore_only)
-      return finetune_stage(name, self.teacher, c.teacher.finetune, train, pretrained, c)
-    if name == 'student_kd':
-      kd = c.student.kd
-      pretrained = self._pretrained('student_pretrain', kd, restore_only)
-      unlabeled = self.unlabeled if kd.unlabeled_batch_size and data else ()
-      return kd_stage(name, self.student, self.teacher, kd, train, unlabeled, pretrained,
-                      upstream('teacher_finetune'), c)
-    raise KeyError(name)
+      pretrained = self._pretrained('teacher_pretrain', c.teacher.finetune, upstream)
+      return finetune_stage(name, self.teacher, c.teacher.finetune, pretrained, c)
+    kd = c.student.kd
+    pretrained = self._pretrained('student_pretrain', kd, upstream)
+    teacher = self.params('teacher_finetune') if upstream else None
+    return kd_stage(name, self.student, self.teacher, kd, pretrained, teacher, c)
 
-  def _pretrained(self, name, cfg, restore_only):
+  def batches(self, name):
+    c = self.config
+    if name in ('teacher_pretrain', 'student_pretrain'):
+      cfg = c.teacher.pretrain if name == 'teacher_pretrain' else c.student.pretrain
+      return train_batches(c, self.unlabeled, {}, cfg.batch_size, c.seed)
+    train = labeled_examples(c, c.data.train_split, self.workdir)
+    if name == 'teacher_finetune':
+      return train_batches(c, train.images, {'score': train.labels['score']},
+                           c.teacher.finetune.batch_size, c.seed + 1)
+    kd = c.student.kd
+    return kd_batches(kd, train, self.unlabeled if kd.unlabeled_batch_size else (), c)
+
+  def _pretrained(self, name, cfg, upstream):
     """(params, where) of stage ``name`` when ``cfg.from_pretrained`` (restoring loads none)."""
-    if restore_only or not cfg.from_pretrained:
+    if not upstream or not cfg.from_pretrained:
       return None
     where = stages_lib.stage_dir(self.workdir, self.config.reuse_from, name)
     return self.params(name), where
@@ -444,39 +390,48 @@ class Job(stages_lib.JobWriter):
     """Pretraining images, listed once per job (several stages use them)."""
     return unlabeled_images(self.config, self.workdir)
 
-  def provide(self, name, params):
-    """Uses ``params`` as the result of stage ``name`` (benchmarks, notebooks)."""
-    self._cache[name] = params
-
   def params(self, name):
-    """Final params of a stage: run it if it is listed, else load its checkpoint."""
-    if name not in self._cache:
-      if name in parse_stages(self.config) and not loop.is_done(self.workdir, name):
-        self._cache[name] = state_lib.trained_params(loop.run(
-            self.stage(name), self.workdir, self.config.train, self.mesh, self.writer))
-      else:
-        st = self.stage(name, restore_only=True)
-        self._cache[name] = state_lib.trained_params(stages_lib.load_state(
-            self.workdir, self.config.reuse_from, name, st.init_fn, self.mesh, self.restored))
-    return self._cache[name]
+    """Final params of a stage (its weight average where it kept one)."""
+    return state_lib.trained_params(self.state(name))
 
   def models(self, require_all: bool = True) -> dict:
     """The trained teacher and student; for --mode=eval, whichever of them exist."""
+    states = self.trained_states(['teacher_finetune', 'student_kd'], require_all)
     out = {}
-    for who, model, stage in (('teacher', self.teacher, 'teacher_finetune'),
-                              ('student', self.student, 'student_kd')):
-      try:
-        params = self.params(stage)
-      except checkpoint.CheckpointError as e:
-        if require_all:
-          raise
-        stages_lib.trained_but_unreadable(e, self.workdir, self.config.reuse_from, stage,
-                                          self.config.eval.get('partial', False))
-        continue
-      out[who] = (model, params['student'] if who == 'student' else params)
-    if not out:
-      raise checkpoint.CheckpointError(f'no trained teacher or student in {self.workdir}')
+    if 'teacher_finetune' in states:
+      out['teacher'] = (self.teacher, state_lib.trained_params(states['teacher_finetune']))
+    if 'student_kd' in states:
+      out['student'] = (self.student, state_lib.trained_params(states['student_kd'])['student'])
     return out
+
+  def evaluate(self, split, prefix):
+    c = self.config
+    examples = labeled_examples(c, split, self.workdir)
+    preds = {}
+    results = score_models(self.models(require_all=prefix == 'eval'), examples, c, self.mesh,
+                           preds)
+    for who, (pred, target) in preds.items():  # process 0 writes
+      reports.save(self.workdir, f'{prefix}_{who}_scatter', reports.scatter(
+          pred, target, f'{who}: predicted vs true beauty ({prefix})'), self.writer)
+    if {'teacher', 'student'} <= set(results):
+      results['student_teacher_param_ratio'] = (results['student']['params']
+                                                / results['teacher']['params'])
+    results['data'] = {'dir': c.data.dir or 'built-in synthetic faces', 'split': split,
+                       'n': len(examples), 'cv_fold': c.data.get('cv_fold', 0)}
+    return results
+
+  def predict_heads(self):
+    """Beauty scores of the teacher and the student."""
+    from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top  # TensorFlow
+    c = self.config
+    models = self.models(require_all=False)
+    fns = {who: job_lib.replicated_jit(score_fn(model, c.eval.flip_tta), self.mesh)
+           for who, (model, _) in models.items()}
+    # The recorded dataset name picks the alignment template: the data need not be here.
+    dataset = stages_lib.model_facts(self.workdir).get('dataset', c.data.dir)
+    head = predict_lib.Head(lambda x: {f'{w}_score': fns[w](p, x) for w, (_, p) in models.items()},
+                            c.data.image_size, dataset, c.data.eval_pp)
+    return [head], None
 
   def _reconstruction_logger(self, model, cfg, name):
     """Writes MAE reconstructions (masked input | prediction | original) to TensorBoard."""
@@ -498,80 +453,13 @@ class Job(stages_lib.JobWriter):
       reports.save(self.workdir, f'{name}_reconstruction', np.concatenate(list(grid), 0))
     return on_log
 
-
-def train_and_evaluate(config, workdir: str) -> dict:
-  start = time.perf_counter()
-  stages = parse_stages(config)
-  os.makedirs(workdir, exist_ok=True)
-  # The data folder's name picks --mode=predict's alignment template; recorded, predict needs no data.
-  stages_lib.record_facts(workdir, dataset=align_lib.folder_name(config.data.dir))
-  job = Job(config, workdir)
-  for name in stages:
-    if name != 'evaluate':
-      job.params(name)
-  if 'evaluate' not in stages:
-    return {}
-  examples = labeled_examples(config, config.data.eval_split, workdir)
-  preds = {}
-  results = score_models(job.models(), examples, config, job.mesh, preds)
-  _write_reports(workdir, preds, 'eval', job.writer)
-  results['student_teacher_param_ratio'] = results['student']['params'] / results['teacher']['params']
-  results['data'] = {'dir': config.data.dir or 'built-in synthetic faces',
-                     'eval_split': config.data.eval_split, 'n': len(examples),
-                     'cv_fold': config.data.get('cv_fold', 0)}
-  results['stage_seconds'] = stages_lib.seconds(workdir, config.reuse_from, STAGES[:-1])
-  results['pretrained'] = stages_lib.loaded(workdir, config.reuse_from, STAGES[:-1])
-  results['wall_seconds_this_run'] = time.perf_counter() - start
-  log_results(results, job.writer)
-  stages_lib.write_results(os.path.join(workdir, 'results.json'), results)
-  return results
-
-
-def evaluate(config, workdir: str) -> dict:
-  """Scores the trained teacher and student of ``workdir`` on ``data.dir`` / ``eval.split``."""
-  if not config.data.dir:
-    raise ValueError('--mode=eval needs --config.data.dir (a folder-format or official dataset)')
-  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
-  examples = labeled_examples(config, config.eval.split, workdir)
-  preds = {}
-  results = score_models(job.models(require_all=False), examples, config, job.mesh, preds)
-  name = os.path.basename(os.path.normpath(config.data.dir))
-  _write_reports(workdir, preds, f'eval_{name}', job.writer)
-  results['data'] = {'dir': config.data.dir, 'split': config.eval.split, 'n': len(examples)}
-  results['restored'] = job.restored
-  stages_lib.write_results(os.path.join(workdir, f'eval_{name}.json'), results)
-  log_results(results, None)
-  return results
-
-
-def predict_photos(config, workdir: str, input_path: str, output: str, align: str = 'auto') -> dict:
-  """Beauty scores of the teacher and student of ``workdir`` for new photos -> CSV."""
-  from faceflax import predict as predict_lib  # pylint: disable=g-import-not-at-top
-  job = Job(stages_lib.restore_only(config), workdir)  # load, never train
-  models = job.models(require_all=False)
-  fns = {who: jax.jit(score_fn(model, config.eval.flip_tta),
-                      out_shardings=mesh_lib.replicated(job.mesh))
-         for who, (model, _) in models.items()}
-  dataset = stages_lib.model_facts(workdir).get('dataset', config.data.dir)  # data need not be here
-  head = predict_lib.Head(lambda x: {f'{w}_score': fns[w](p, x) for w, (_, p) in models.items()},
-                          config.data.image_size, dataset, config.data.eval_pp)
-  return predict_lib.run(input_path, output, [head], job.mesh, config.eval_batch_size, align)
-
-
-def _write_reports(workdir, preds, prefix, writer):
-  """Predicted-vs-true beauty scatter per model -> <workdir>/reports/<prefix>_<who>_scatter.png."""
-  for who, (pred, target) in preds.items():
-    reports.save(workdir, f'{prefix}_{who}_scatter',
-                 reports.scatter(pred, target, f'{who}: predicted vs true beauty ({prefix})'), writer)
-
-
-def log_results(results: dict, writer) -> None:
-  """The scores in the log and (with a writer) in TensorBoard."""
-  for who in ('teacher', 'student'):
-    if who not in results:
-      continue
-    r = results[who]
-    logging.info('%s: PC=%.4f MAE=%.4f RMSE=%.4f  params=%d  MFLOPs/img=%.1f  (n=%d)', who,
-                 r['pc'], r['mae'], r['rmse'], r['params'], r['mflops_per_image'], r['n'])
-    if writer is not None:
-      writer.write_scalars(0, {f'eval/{who}_{k}': r[k] for k in ('pc', 'mae', 'rmse')})
+  @staticmethod
+  def log_results(results: dict, writer) -> None:
+    """The scores in the log and (with a writer) in TensorBoard."""
+    for who in ('teacher', 'student'):
+      if who not in results:
+        continue
+      r = results[who]
+      logging.info('%s: PC=%.4f MAE=%.4f RMSE=%.4f  params=%d  MFLOPs/img=%.1f  (n=%d)', who,
+                   r['pc'], r['mae'], r['rmse'], r['params'], r['mflops_per_image'], r['n'])
+      job_lib.log_scalars(writer, {f'eval/{who}_{k}': r[k] for k in ('pc', 'mae', 'rmse')})

@@ -74,6 +74,22 @@ def batch_spec(batch_size: int, image_size: int, **shapes) -> dict:
   return {k: jax.ShapeDtypeStruct((batch_size, *v), np.float32) for k, v in shapes.items()}
 
 
+def train_stage(name: str, cfg, optimizer, init_fn, loss_fn, image_size: int,
+                labels: dict | None = None, **fields) -> Stage:
+  """A task's stage: ``cfg.steps`` steps of ``cfg.batch_size`` faces (``fields['batch_size']``
+  overrides) of ``image_size`` px with ``labels`` ({name: per-example shape}); the update
+  differentiates ``loss_fn`` through ``optimizer`` = (tx, schedule) (``optim.adamw``), keeping
+  a weight average at ``cfg.ema_decay`` where the config has one. The job attaches the
+  batches (``job.Job.stage``); ``fields``: the other ``Stage`` fields (consts, param_axes...)."""
+  tx, schedule = optimizer
+  batch_size = fields.pop('batch_size', cfg.batch_size)
+  return Stage(name=name, num_steps=cfg.steps, batch_size=batch_size, init_fn=init_fn,
+               update_fn=state_lib.make_update(loss_fn, tx, cfg.get('ema_decay', 0.0)),
+               schedule=schedule, batches=None,
+               batch_spec=batch_spec(batch_size, image_size, **(labels or {})), loss_fn=loss_fn,
+               tx=tx, **fields)
+
+
 def done_marker(workdir: str, name: str) -> str:
   return os.path.join(workdir, name, 'done.json')
 
@@ -297,3 +313,8 @@ def flops_per_example(fn: Callable, *args) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', float('nan'))) / jax.tree.leaves(args[-1])[0].shape[0]
+
+
+def flops_per_image(fn: Callable, variables, image_size: int) -> float:
+  """``flops_per_example`` of ``fn(variables, images)`` on one ``image_size`` px face."""
+  return flops_per_example(fn, variables, np.zeros((1, image_size, image_size, 3), np.float32))

@@ -86,6 +86,11 @@ def state_shardings(abstract_state, mesh: Mesh, param_axes=None, tx=None,
   return out
 
 
+def unsplit_axes(params) -> dict:
+  """Logical axes that split none of ``params`` (small heads beside an annotated model)."""
+  return jax.tree.map(lambda _: P(), params)
+
+
 def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Process-local numpy batch -> global arrays sharded along the batch axis."""
   sharding = data_sharded(mesh)

@@ -1,6 +1,5 @@
 """Stage bookkeeping shared by the tasks: which stages to run and where finished ones live."""
 import fnmatch
-import functools
 import json
 import os
 import shutil
@@ -8,10 +7,6 @@ import time
 
 import jax
 from absl import logging
-from etils import epy
-
-with epy.lazy_imports():  # clu's writers load TensorFlow: only a job that writes needs them
-  from clu import metric_writers
 
 from faceflax.data import bad_data
 from faceflax.train import checkpoint, files, loop, mesh as mesh_lib
@@ -54,15 +49,6 @@ def load_state(workdir: str, reuse_from: str, name: str, init_state_fn, mesh,
   if restored is not None:
     restored[name] = {'checkpoint': directory, 'step': int(step)}
   return state
-
-
-def read_listed(config, known, reads: dict) -> None:
-  """A task's ``check_data``: ``reads[stage]()`` for each listed stage, so that every split
-  the run uses is read (and so checked) before the first stage trains."""
-  names = parse(config.stages, known)
-  for stage, read in reads.items():
-    if stage in names:
-      read()
 
 
 def _done_facts(workdir: str, reuse_from: str, names, key: str) -> dict:
@@ -125,22 +111,6 @@ def write_results(path: str, results: dict) -> None:
   write_json(path, {**results, **bad_data.summary()})
 
 
-class JobWriter:
-  """Mixin: ``self.writer``, the job's metric writer (TensorBoard from process 0, the
-  log elsewhere) for ``self.workdir``, made on first use: a job that only restores its
-  models to predict leaves no event file behind."""
-
-  @functools.cached_property
-  def writer(self):
-    return metric_writers.create_default_writer(self.workdir,
-                                                just_logging=jax.process_index() > 0)
-
-  @functools.cached_property
-  def restored(self) -> dict:
-    """{stage: checkpoint folder and step} of every stage this job restored (eval JSONs)."""
-    return {}
-
-
 def trained_but_unreadable(error, workdir: str, reuse_from: str, name: str, partial: bool) -> None:
   """Re-raises ``error`` (a stage's checkpoint could not be restored) when the stage finished
   training, so its model exists but cannot be read, unless ``partial`` (``eval.partial``:
@@ -151,36 +121,6 @@ def trained_but_unreadable(error, workdir: str, reuse_from: str, name: str, part
         f'{error} (stage {name} finished training but its checkpoints cannot be read; '
         '--config.eval.partial=True scores the models that load)') from error
   logging.warning('not scoring %s: %s', name, error)
-
-
-class StageStates(JobWriter):
-  """Mixin for a task's Job: each stage's final state, computed once per job.
-
-  The Job provides ``config``, ``workdir``, ``mesh``, ``known_stages`` and
-  ``stage(name, restore_only)``; a listed, unfinished stage is run, any other is
-  restored from its checkpoint (here or in ``config.reuse_from``).
-  """
-  known_stages: tuple = ()
-
-  def provide(self, name, state):
-    """Uses ``state`` as the result of stage ``name`` (benchmarks, notebooks)."""
-    self._stage_states()[name] = state
-
-  def state(self, name) -> dict:
-    states, c = self._stage_states(), self.config
-    if name not in states:
-      if name in parse(c.stages, self.known_stages) and not loop.is_done(self.workdir, name):
-        states[name] = loop.run(self.stage(name), self.workdir, c.train, self.mesh, self.writer)
-      else:
-        st = self.stage(name, restore_only=True)
-        states[name] = load_state(self.workdir, c.reuse_from, name, st.init_fn, self.mesh,
-                                  self.restored)
-    return states[name]
-
-  def _stage_states(self) -> dict:
-    if '_states' not in self.__dict__:
-      self._states = {}
-    return self._states
 
 
 CONFIG_FILE = 'config.json'
