@@ -185,9 +185,6 @@ class Job(job_lib.Job):
     None: whether the backbone's checkpoint is there (predicting without it)."""
     self.tasks = parse_names(config.tasks, list(TASKS), 'tasks')
     self.protocols = parse_names(config.protocols, PROTOCOLS, 'protocols')
-    config = config.copy_and_resolve_references()
-    with config.unlocked():  # the listed tasks' fine-tuning stages run, the others restore
-      config.stages = ','.join(stage_name(t) for t in self.tasks)
     super().__init__(config, workdir, restore_only)
     b = self.config.backbone
     if backbone is None:
@@ -198,6 +195,10 @@ class Job(job_lib.Job):
          None, {}))
     self.features = feature_fn(self.model, self.mesh)
     self._data = {}
+
+  def listed(self) -> list[str]:
+    """The fine-tuning stages of the listed tasks (run when the protocol asks for them)."""
+    return [stage_name(t) for t in self.tasks]
 
   def data(self, task: str) -> downstream.TaskData:
     if task not in self._data:

@@ -40,8 +40,7 @@ class Job:
 
   def __init__(self, config, workdir: str, restore_only: bool = False):
     self.check_config(config)
-    self.config = stages_lib.restore_only(config) if restore_only else config
-    self.restore_only = restore_only
+    self.config, self.restore_only = config, restore_only
     self.workdir = workdir
     self.mesh = mesh_lib.make_mesh(config.get('mesh'))
     self._states = {}
@@ -97,6 +96,11 @@ class Job:
     """The stages ``config.stages`` lists (checked against the known ones)."""
     return stages_lib.parse(self.config.stages, self.known_stages())
 
+  def trains(self, name: str) -> bool:
+    """Whether this job runs stage ``name``: listed, unfinished and not restore-only."""
+    return (not self.restore_only and name in self.listed()
+            and not loop.is_done(self.workdir, name))
+
   def stage(self, name: str, restore_only: bool = False, data: bool = True) -> loop.Stage:
     """Stage ``name`` as training builds it; ``data=False``: without its batches (its
     ``batch_spec`` only; bench/bench_steps.py); ``restore_only``: also without upstream
@@ -113,7 +117,7 @@ class Job:
     from its checkpoint (here or in ``config.reuse_from``); once per job."""
     if name not in self._states:
       c = self.config
-      if name in self.listed() and not loop.is_done(self.workdir, name):
+      if self.trains(name):
         self._states[name] = loop.run(self.stage(name), self.workdir, c.train, self.mesh,
                                       self.writer)
       else:

@@ -21,14 +21,6 @@ def parse(stages: str, known) -> list[str]:
   return names
 
 
-def restore_only(config):
-  """A copy of ``config`` that lists no stage: every stage is loaded, none trained."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.stages = ''
-  return config
-
-
 def stage_dir(workdir: str, reuse_from: str, name: str) -> str:
   """Where a finished stage is read from: this workdir, else ``reuse_from``."""
   if loop.is_done(workdir, name) or not reuse_from:
