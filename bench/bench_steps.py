@@ -126,8 +126,8 @@ def trained_stages(config) -> tuple[list[str], list[str]]:
   task = tasks.get(config.task)
   if task is transfer:
     known = [task.stage_name(t) for t in task.TASKS]
-    listed = task.parse_names(config.tasks, list(task.TASKS), 'tasks')
-    protocols = task.parse_names(config.protocols, task.PROTOCOLS, 'protocols')
+    listed = stages_lib.parse(config.tasks, list(task.TASKS), 'tasks', required=True)
+    protocols = stages_lib.parse(config.protocols, task.PROTOCOLS, 'protocols', required=True)
     return [task.stage_name(t) for t in listed] if 'finetune' in protocols else [], known
   known = list(task.Job.STAGES)
   return [s for s in stages_lib.parse(config.stages, task.Job.known_stages()) if s in known], known

@@ -94,12 +94,6 @@ def load_examples(config, split: str) -> Examples:
   return examples
 
 
-def train_batches(config, examples: Examples, batch_size: int, seed: int):
-  labels = {k: examples.labels[k] for k in TRAIN_LABELS}
-  return pipeline.train_batches(config, examples.images, labels, batch_size=batch_size,
-                                pp=config.data.train_pp, seed=seed)
-
-
 # ----------------------------------------------------------------------------- losses
 
 def age_terms(out: dict, ages, loss_config, num_ages: int) -> tuple[jax.Array, dict]:
@@ -237,7 +231,9 @@ class Job(job_lib.Job):
 
   def batches(self, name):
     c = self.config
-    return train_batches(c, load_examples(c, c.data.train_split), c.train.batch_size, c.seed)
+    examples = load_examples(c, c.data.train_split)
+    return pipeline.train_batches(c, examples.images, {k: examples.labels[k] for k in TRAIN_LABELS},
+                                  batch_size=c.train.batch_size, pp=c.data.train_pp, seed=c.seed)
 
   def variables(self) -> dict:
     s = self.state('train')

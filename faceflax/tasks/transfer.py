@@ -51,19 +51,10 @@ def stage_name(task: str) -> str:
   return f'finetune_{task}'
 
 
-def parse_names(value: str, known, key: str) -> list[str]:
-  names = [s.strip() for s in str(value).split(',') if s.strip()]
-  unknown = [n for n in names if n not in known]
-  if unknown or not names:
-    raise ValueError(f'{key}={value!r}: unknown or no names {unknown}; known: '
-                     f'{", ".join(known)}')
-  return list(dict.fromkeys(names))
-
-
 def check_config(config) -> None:
   """Rejects unknown names and bad settings before any data is read or step compiled."""
-  parse_names(config.protocols, PROTOCOLS, 'protocols')
-  for name in parse_names(config.tasks, list(TASKS), 'tasks'):
+  stages_lib.parse(config.protocols, PROTOCOLS, 'protocols', required=True)
+  for name in stages_lib.parse(config.tasks, list(TASKS), 'tasks', required=True):
     spec = TASKS[name]
     if spec.kind not in downstream.KINDS or (spec.kind == 'regression'
                                              and spec.loss not in ('mse', 'l1')):
@@ -183,8 +174,8 @@ class Job(job_lib.Job):
     """``backbone=False``: no backbone params (``self.params`` None, ``self.backbone`` {}):
     restoring the fine-tuned stages, which hold the whole backbone, does not need them;
     None: whether the backbone's checkpoint is there (predicting without it)."""
-    self.tasks = parse_names(config.tasks, list(TASKS), 'tasks')
-    self.protocols = parse_names(config.protocols, PROTOCOLS, 'protocols')
+    self.tasks = stages_lib.parse(config.tasks, list(TASKS), 'tasks', required=True)
+    self.protocols = stages_lib.parse(config.protocols, PROTOCOLS, 'protocols', required=True)
     super().__init__(config, workdir, restore_only)
     b = self.config.backbone
     if backbone is None:
@@ -278,7 +269,7 @@ class Job(job_lib.Job):
   def check_data(cls, config, workdir: str) -> None:
     """Reads (and so checks) every task's train and val split before the first task runs."""
     del workdir
-    for name in parse_names(config.tasks, list(TASKS), 'tasks'):
+    for name in stages_lib.parse(config.tasks, list(TASKS), 'tasks', required=True):
       load_task(config, name)
 
   @classmethod

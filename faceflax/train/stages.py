@@ -12,12 +12,14 @@ from faceflax.data import bad_data
 from faceflax.train import checkpoint, files, loop, mesh as mesh_lib
 
 
-def parse(stages: str, known) -> list[str]:
-  """'a,b' -> ['a', 'b'], refusing names not in ``known`` (naming them)."""
-  names = [s.strip() for s in stages.split(',') if s.strip()]
-  unknown = [s for s in names if s not in known]
-  if unknown:
-    raise ValueError(f'config.stages: unknown stage(s) {unknown}; known: {list(known)}')
+def parse(value: str, known, key: str = 'stages', required: bool = False) -> list[str]:
+  """A config's comma-separated names ('a,b' -> ['a', 'b'], each once), refusing names not in
+  ``known`` and, when ``required``, none at all; the error names ``key`` and the culprits."""
+  names = list(dict.fromkeys(n.strip() for n in str(value).split(',') if n.strip()))
+  unknown = [n for n in names if n not in known]
+  if unknown or (required and not names):
+    raise ValueError(f'config.{key}={value!r}: unknown or no names {unknown}; known: '
+                     f'{", ".join(known)}')
   return names
 
 
