@@ -270,3 +270,20 @@ def test_age_init_on_a_small_face_gives_the_full_size_variables():
   rng = jax.random.key(4)
   full = model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, 80, 80, 3)))
   jax.tree.map(np.testing.assert_array_equal, resnet_msa.init_variables(model, rng, 80), full)
+
+
+def test_face_prior_init_without_the_training_forward_gives_the_same_parameters():
+  from faceflax.data import face_regions  # pylint: disable=g-import-not-at-top
+  from faceflax.models import mae  # pylint: disable=g-import-not-at-top
+  from faceflax.tasks import face_prior  # pylint: disable=g-import-not-at-top
+  from tests import configs_for_tests  # pylint: disable=g-import-not-at-top
+  config = configs_for_tests.load('face_prior', 'test')
+  model, size = mae.from_config(config.model, config.data.image_size), config.data.image_size
+  heads = face_prior.PriorHeads(len(face_regions.REGIONS), model.width)
+  rng, x = jax.random.key(3), jnp.zeros((1, size, size, 3))
+  rngs = {'params': rng, 'mask': jax.random.fold_in(rng, 1), 'dropout': jax.random.fold_in(rng, 2)}
+  params = model.init(rngs, x, method=model.init_all)['params']
+  out = model.apply({'params': params}, x, method=model.pretrain, rngs=rngs)  # the full-size way
+  full = {'mae': params, 'prior': heads.init(jax.random.fold_in(rng, 3), out['latent'],
+                                             out['decoded'])['params']}
+  jax.tree.map(np.testing.assert_array_equal, face_prior.init_params(model, heads, rng, size), full)

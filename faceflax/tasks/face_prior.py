@@ -59,12 +59,12 @@ def check_config(config) -> None:
 
 
 def init_params(model: mae.MAE, heads: PriorHeads, rng, size: int) -> dict:
-  x = jnp.zeros((1, size, size, 3), jnp.float32)
-  rngs = {'params': rng, 'mask': jax.random.fold_in(rng, 1), 'dropout': jax.random.fold_in(rng, 2)}
-  params = model.init(rngs, x, method=model.init_all)['params']
-  out = model.apply({'params': params}, x, method=model.pretrain, rngs=rngs)
-  return {'mae': params,
-          'prior': heads.init(jax.random.fold_in(rng, 3), out['latent'], out['decoded'])['params']}
+  """The MAE's parameters (``mae.init_params``: a small copy's init, no training forward)
+  and the heads', which depend only on the widths of the tokens they read."""
+  tokens = lambda width: jnp.zeros((1, 1, width), jnp.float32)
+  return {'mae': mae.init_params(model, rng, size),
+          'prior': heads.init(jax.random.fold_in(rng, 3), tokens(model.width),
+                              tokens(model.decoder_width))['params']}
 
 
 # ----------------------------------------------------------------------------- the step

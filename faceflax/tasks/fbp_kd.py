@@ -408,7 +408,7 @@ class Job(job_lib.Job):
     c = self.config
     examples = labeled_examples(c, split, self.workdir)
     preds = {}
-    results = score_models(self.models(require_all=prefix == 'eval'), examples, c, self.mesh,
+    results = score_models(self.models(require_all=not self.restore_only), examples, c, self.mesh,
                            preds)
     for who, (pred, target) in preds.items():  # process 0 writes
       reports.save(self.workdir, f'{prefix}_{who}_scatter', reports.scatter(

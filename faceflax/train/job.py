@@ -128,8 +128,7 @@ class Job:
 
   def finished(self, name: str) -> bool:
     """Whether stage ``name`` finished training, here or in ``config.reuse_from``."""
-    where = os.path.dirname(stages_lib.stage_dir(self.workdir, self.config.reuse_from, name))
-    return loop.is_done(where, name)
+    return stages_lib.finished(self.workdir, self.config.reuse_from, name)
 
   def provide(self, name: str, state) -> None:
     """Uses ``state`` as the final state of stage ``name`` (tests, benchmarks, notebooks)."""

@@ -32,6 +32,11 @@ def stage_dir(workdir: str, reuse_from: str, name: str) -> str:
   return os.path.join(reuse_from, name)
 
 
+def finished(workdir: str, reuse_from: str, name: str) -> bool:
+  """Whether stage ``name`` finished training, here or in ``reuse_from``."""
+  return loop.is_done(os.path.dirname(stage_dir(workdir, reuse_from, name)), name)
+
+
 def load_state(workdir: str, reuse_from: str, name: str, init_state_fn, mesh,
                restored: dict | None = None) -> dict:
   """The final train state of a finished stage, replicated over the mesh; ``restored``
@@ -49,8 +54,8 @@ def _done_facts(workdir: str, reuse_from: str, names, key: str) -> dict:
   """``key`` of each finished stage's done marker, where it has one."""
   out = {}
   for name in names:
-    d = os.path.dirname(stage_dir(workdir, reuse_from, name))
-    if loop.is_done(d, name):
+    if finished(workdir, reuse_from, name):
+      d = os.path.dirname(stage_dir(workdir, reuse_from, name))
       with open(loop.done_marker(d, name)) as f:
         facts = json.load(f)
       if key in facts:
@@ -109,8 +114,7 @@ def trained_but_unreadable(error, workdir: str, reuse_from: str, name: str, part
   """Re-raises ``error`` (a stage's checkpoint could not be restored) when the stage finished
   training, so its model exists but cannot be read, unless ``partial`` (``eval.partial``:
   score the models that load); a stage that never trained is only skipped."""
-  finished = loop.is_done(os.path.dirname(stage_dir(workdir, reuse_from, name)), name)
-  if finished and not partial:
+  if finished(workdir, reuse_from, name) and not partial:
     raise checkpoint.CheckpointError(
         f'{error} (stage {name} finished training but its checkpoints cannot be read; '
         '--config.eval.partial=True scores the models that load)') from error
