@@ -5,13 +5,17 @@ Presets (``--config=configs/lqfr_kd.py:<preset>``):
              student with both KD terms; < 15 min on 2 CPU cores
   celeba     ../shared/data/celeba_id identities, the full ablation table (5 students
              and the external teacher); < 60 min on 2 CPU cores
+  celeba_kd  a pretrained face embedding (dlib's ResNet, ``pip install -e .[teachers]``)
+             distilled into the student on degraded views of every train face of
+             celeba_id, utkface and scut_fbp5500; and the ArcFace-only student; < 60 min
   paper      ResNeXt-50 32x4d, 512-d embeddings, paper-length schedules, for accelerators;
              CASIA-WebFace's insightface pack, AgeDB-30 / CPLFW at HQ, x2, x4, x8
   test       tiny, seconds; used by the tests
 
 Students are stages named ``student_<variant>``: nokd (ArcFace only), output (+ output
 KD), attention (+ attention-map KD), both, external (output KD from precomputed
-embeddings of a non-faceflax teacher, ``data.external_teacher``).
+embeddings of a non-faceflax teacher, ``data.external_teacher``, or such a teacher run
+by the project: ``faceflax.teachers``).
 """
 import ml_collections
 
@@ -37,7 +41,17 @@ def get_config(preset: str = ''):
       train_split='train',
       drop_noisy=True,             # rows with id_noisy=1 (likely mislabelled) are not trained on
       eval_pairs='pairs_val.csv',  # verification pairs (file_a, file_b, same) in data.dir
-      external_teacher='teacher_dlib128.npy',  # one embedding per labels.csv row
+      # student_external's teacher: a .npy in dir (one embedding per labels.csv row) or a
+      # teacher of faceflax.teachers ('dlib_resnet'), run on each train face's high-quality
+      # view and cached in teacher_cache ('' = <workdir>/../teacher_cache, shared by a
+      # sweep's runs), as the mean of the face's and its mirror image's embeddings.
+      external_teacher='teacher_dlib128.npy',
+      teacher_cache='',
+      teacher_mirror_average=True,
+      teacher_workers=0,  # processes computing its embeddings (0: one per CPU)
+      # More faces for student_external (a teacher the project runs): folders' train
+      # splits, without identities (no ArcFace term on them).
+      unlabeled='',
       synthetic=dict(num_train_ids=120, num_val_ids=40, per_id=10, num_pairs=1200, size=64,
                      seed=0),
       image_size=64,               # CPU presets; faces are 112 px chips, the paper uses 112
@@ -64,6 +78,7 @@ def get_config(preset: str = ''):
               output='embedding',  # 'embedding' (cosine to the teacher's) or 'logits' (KL, T)
               temperature=4.0,
               beta=10.0,           # attention-map KD weight
+              arcface=1.0,         # ArcFace's weight beside the KD terms (student_nokd: 1)
               maps='channel,spatial'),
   )
   c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2)
@@ -97,6 +112,18 @@ def get_config(preset: str = ''):
     c.student.train.update(steps=500, batch_size=64, warmup_steps=50)
     c.stages = ('teacher,student_nokd,student_output,student_attention,student_both,'
                 'student_external,evaluate')
+  elif preset == 'celeba_kd':
+    # A strong teacher that sees the clean face, a student that sees it degraded (issue 24).
+    c.data.dir = f'{SHARED}/celeba_id'
+    c.data.external_teacher = 'dlib_resnet'
+    c.data.unlabeled = f'{SHARED}/utkface,{SHARED}/scut_fbp5500'
+    # No crops: the student sees the whole chip the teacher saw (flips: its target is the
+    # mirror average).
+    c.data.train_pp = 'flip_lr|value_range(-1, 1)'
+    c.student.model.embed_dim = 128  # the teacher's width: no projector
+    c.student.train.update(steps=3000, batch_size=64, warmup_steps=100)
+    c.student.kd.arcface = 0.0  # the teacher's embedding alone (ArcFace: README)
+    c.stages = 'student_nokd,student_external,evaluate'
   elif preset == 'paper':
     # CASIA-WebFace as insightface packs it (train.rec/.idx, 10,575 identities, 112 px, with
     # agedb_30.bin and cplfw.bin beside it), indexed once by `python -m faceflax.data.prepare`
@@ -124,5 +151,5 @@ def get_config(preset: str = ''):
     c.eval_batch_size = 16
     c.train.update(log_every=2, checkpoint_every=2)
   elif preset:
-    raise ValueError(f'unknown preset {preset!r} for lqfr_kd; known: celeba, paper, test')
+    raise ValueError(f'unknown preset {preset!r} for lqfr_kd; known: celeba, celeba_kd, paper, test')
   return c

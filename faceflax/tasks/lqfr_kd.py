@@ -5,8 +5,10 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
   student_<variant>  ArcFace on degraded faces made on the fly in tf.data, plus KD from
                      the frozen teacher, which sees the high-quality view of the same
                      image inside the student's jit-compiled step (one XLA graph).
-                     Variants: nokd, output, attention, both, external (output KD from
-                     precomputed embeddings of a non-faceflax teacher)
+                     Variants: nokd, output, attention, both, external (output KD from a
+                     pretrained teacher outside faceflax: its precomputed embeddings, or one
+                     of ``faceflax.teachers`` run on the high-quality views and cached; then
+                     also on the faces of ``data.unlabeled``, which have no identities)
   evaluate           10-fold verification accuracy and TAR@FAR at each image quality,
                      for both-sides-degraded and degraded-probe-vs-HQ-gallery pairs
 """
@@ -19,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from faceflax import losses, reports, verification
-from faceflax.data import align as align_lib, identities, pipeline, synthetic
+from faceflax import losses, reports, teachers, verification
+from faceflax.data import align as align_lib, identities, pipeline, sources, synthetic
 from faceflax.models import resnext_cbam
 from faceflax.train import job as job_lib, loop, optim, stages as stages_lib, state as state_lib
 
@@ -46,25 +48,80 @@ def external_path(config) -> str:
   return os.path.join(config.data.dir, config.data.external_teacher)
 
 
+def runs_teacher(config) -> bool:
+  """Whether ``data.external_teacher`` names a teacher the project runs (else a .npy file)."""
+  return teachers.is_teacher(config.data.external_teacher)
+
+
+def external_dim(config) -> int:
+  if runs_teacher(config):
+    return teachers.dim(config.data.external_teacher)
+  return identities.embedding_width(external_path(config))
+
+
 def data_facts(config, ts: identities.TrainSet) -> dict:
   """What the models take from the training data (``stages.record_facts``): the ArcFace
-  classes, the external teacher's width (if the data has its embeddings) and the folder
-  name that picks predict's alignment template."""
+  classes, the external teacher's width (if it has one) and the folder name that picks
+  predict's alignment template."""
   facts = {'num_classes': ts.num_classes, 'dataset': align_lib.folder_name(config.data.dir)}
-  if config.data.external_teacher and os.path.isfile(external_path(config)):
-    facts['external_dim'] = identities.embedding_width(external_path(config))
+  if config.data.external_teacher and (runs_teacher(config) or os.path.isfile(external_path(config))):
+    facts['external_dim'] = external_dim(config)
   return facts
 
 
-def train_batches(config, ts: identities.TrainSet, batch_size: int, seed: int, *, degraded: bool,
-                  external=None):
-  labels = {'label': ts.labels}
-  if external is not None:
-    labels['teacher_embedding'] = external
+def distill_set(config, ts: identities.TrainSet):
+  """(images, labels) of the external teacher's KD: the identity train set, then the train
+  faces of ``data.unlabeled`` with label -1 (no ArcFace term)."""
+  extra = [d.strip() for d in config.data.unlabeled.split(',') if d.strip()]
+  if not extra:
+    return ts.examples.images, ts.labels
+  more = sources.list_unlabeled_images(extra, config.data.tfds_data_dir)
+  logging.info('external-teacher KD on %d identity faces + %d unlabeled faces (%s)',
+               len(ts.labels), len(more), config.data.unlabeled)
+  return (pipeline.join_images([ts.examples.images, more]),
+          np.concatenate([ts.labels, np.full(len(more), -1, np.int32)]))
+
+
+def teacher_cache_dir(config, workdir: str) -> str:
+  """``data.teacher_cache``, by default ``teacher_cache`` beside the workdir (so that the
+  runs of a sweep, ``<dir>/seed0``, ``<dir>/seed1``, ..., share it)."""
+  return config.data.teacher_cache or os.path.join(
+      os.path.dirname(os.path.abspath(workdir)), 'teacher_cache')
+
+
+def pipeline_views(images, *, pp: str, cache_pp: str, image_key: str = 'image',
+                   batch_size: int = 128):
+  """positions -> uint8 batches of ``images[positions]`` after ``cache_pp`` and ``pp``."""
+  def views(positions):
+    subset = (images.take(positions) if hasattr(images, 'take')
+              else [images[int(i)] for i in positions])
+    for batch in pipeline.make_eval_dataset(subset, {}, batch_size=batch_size, pp=pp,
+                                            cache_pp=cache_pp, validate=False, mode='stream'):
+      yield np.clip(np.round(batch[image_key][batch['mask']]), 0, 255).astype(np.uint8)
+  return views
+
+
+def teacher_embeddings(config, workdir, images, *, view_pp: str = '', cache_pp: str = '',
+                       image_key: str = 'image', teacher=None) -> np.ndarray:
+  """The external teacher's embeddings of ``images`` as seen after ``cache_pp`` and
+  ``view_pp`` (default: the decoded face), resized to its input size; cached."""
+  d = config.data
+  teacher = teacher or teachers.TEACHERS[d.external_teacher]()
+  size = teacher.input_size
+  cache_pp = cache_pp or 'decode'
+  view_pp = f'{view_pp}|resize({size})'
+  views = pipeline_views(images, pp=view_pp, cache_pp=cache_pp, image_key=image_key,
+                         batch_size=config.eval_batch_size)
+  return teachers.embeddings(teacher, images, views, f'{cache_pp}|{view_pp}|{image_key}',
+                             teacher_cache_dir(config, workdir),
+                             mirror_average=d.teacher_mirror_average,
+                             workers=d.teacher_workers or os.cpu_count() or 1)
+
+
+def train_batches(config, images, labels: dict, batch_size: int, seed: int, *, degraded: bool):
   # Degrade first: the later ops (flip, value range) then act on both views alike.
   pp = f'{config.data.degrade}|{config.data.train_pp}' if degraded else config.data.train_pp
-  return pipeline.train_batches(config, ts.examples.images, labels, batch_size=batch_size,
-                                pp=pp, seed=seed)
+  return pipeline.train_batches(config, images, labels, batch_size=batch_size, pp=pp, seed=seed)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -76,9 +133,12 @@ def _apply_train(model, variables, images, rng):
 
 
 def _arcface_terms(out, labels, arc) -> tuple[jax.Array, dict]:
+  """ArcFace over the rows with an identity (label >= 0; unlabeled faces have -1)."""
   labels = labels.astype(jnp.int32)
-  loss = losses.arcface(out['cosine'], labels, arc.scale, arc.margin)
-  accuracy = jnp.mean(jnp.argmax(out['cosine'], -1) == labels)
+  known = (labels >= 0).astype(jnp.float32)
+  labels = jnp.maximum(labels, 0)
+  loss = losses.arcface(out['cosine'], labels, arc.scale, arc.margin, weights=known)
+  accuracy = losses.masked_mean(jnp.argmax(out['cosine'], -1) == labels, known)
   return loss, {'arcface': loss, 'train_accuracy': accuracy}
 
 
@@ -114,9 +174,9 @@ def student_stage(name, student, teacher, config, teacher_vars,
   s_dim = student.backbone.embed_dim
   target_dim = (external_dim if use_external
                 else teacher.backbone.embed_dim if alpha and kd.output == 'embedding' else s_dim)
-  # The student's embedding is projected only where widths differ (always for an
-  # external teacher, whose embedding space is not the student's).
-  projector = nn.Dense(target_dim, name='projector') if use_external or target_dim != s_dim else None
+  # The student's embedding is projected only where widths differ: a student as wide as
+  # its external teacher learns the teacher's embedding itself, the one it verifies with.
+  projector = nn.Dense(target_dim, name='projector') if target_dim != s_dim else None
 
   def init_params(rng):
     v = resnext_cbam.init_variables(student, rng, size)
@@ -137,7 +197,8 @@ def student_stage(name, student, teacher, config, teacher_vars,
   def loss_fn(params, batch, rng, teacher_vars, model_state):
     s_out, model_state = _apply_train(
         student, {'params': params['student'], 'batch_stats': model_state}, batch['image_lq'], rng)
-    total, terms = _arcface_terms(s_out, batch['label'], arc)
+    arcface, terms = _arcface_terms(s_out, batch['label'], arc)
+    total = arcface if variant == 'nokd' else kd.arcface * arcface
     if (alpha and not use_external) or beta:
       # The frozen teacher sees the high-quality view, in inference mode.
       t_out = teacher.apply(jax.lax.stop_gradient(teacher_vars), batch['image'])
@@ -175,6 +236,10 @@ def check_config(config) -> None:
   if kd.output not in ('embedding', 'logits'):
     raise ValueError(f"student.kd.output={kd.output!r}: expected 'embedding' or 'logits'")
   verification.qualities(config)
+  if config.data.unlabeled and not runs_teacher(config):
+    raise ValueError(f'data.unlabeled={config.data.unlabeled!r} needs an external teacher the '
+                     f'project runs (data.external_teacher one of {sorted(teachers.TEACHERS)}, '
+                     f'not {config.data.external_teacher!r}): a .npy has rows of data.dir only')
   if not 0 < config.eval.far < 1 or config.eval.num_folds < 2:
     raise ValueError(f'eval.far={config.eval.far} must be in (0, 1) and eval.num_folds='
                      f'{config.eval.num_folds} >= 2')
@@ -228,8 +293,13 @@ class Job(job_lib.Job):
     data = functools.cache(lambda: with_data_dir(config, workdir))
     ts = functools.cache(lambda: train_set(data()))
     reads = dict.fromkeys(Job.STAGES, ts)
-    reads['student_external'] = lambda: identities.row_embeddings(external_path(data()),
-                                                                  data().data.dir, ts().rows)
+
+    def external():
+      if runs_teacher(data()):  # the package, before any stage trains; then its faces
+        teachers.TEACHERS[data().data.external_teacher]()
+        return distill_set(data(), ts())
+      return identities.row_embeddings(external_path(data()), data().data.dir, ts().rows)
+    reads['student_external'] = external
     reads['evaluate'] = lambda: verification.eval_pairs(data())
     return reads
 
@@ -264,21 +334,28 @@ class Job(job_lib.Job):
     c = self.config
     if name == 'teacher':
       return teacher_stage(self.teacher, c)
-    teacher_vars = self.variables('teacher') if upstream else None
-    external = 0
-    if STUDENT_VARIANTS[name[len('student_'):]][2]:
-      external = (self.facts.get('external_dim')
-                  or identities.embedding_width(external_path(self.data_config)))
-    return student_stage(name, self.student, self.teacher, c, teacher_vars, external)
+    output_kd, attention_kd, external = STUDENT_VARIANTS[name[len('student_'):]]
+    # Only students that learn from the faceflax teacher need it (trained or restored).
+    own_teacher = (output_kd and not external) or attention_kd
+    teacher_vars = self.variables('teacher') if upstream and own_teacher else None
+    width = (self.facts.get('external_dim') or external_dim(self.data_config)) if external else 0
+    return student_stage(name, self.student, self.teacher, c, teacher_vars, width)
 
   def batches(self, name):
     c, ts = self.data_config, self.train_set
     if name == 'teacher':
-      return train_batches(c, ts, c.teacher.train.batch_size, c.seed, degraded=False)
-    external = (identities.row_embeddings(external_path(c), c.data.dir, ts.rows)
-                if STUDENT_VARIANTS[name[len('student_'):]][2] else None)
-    return train_batches(c, ts, c.student.train.batch_size, c.seed + 1, degraded=True,
-                         external=external)
+      return train_batches(c, ts.examples.images, {'label': ts.labels},
+                           c.teacher.train.batch_size, c.seed, degraded=False)
+    images, labels = ts.examples.images, {'label': ts.labels}
+    if STUDENT_VARIANTS[name[len('student_'):]][2]:
+      if runs_teacher(c):
+        images, labels['label'] = distill_set(c, ts)
+        labels['teacher_embedding'] = teacher_embeddings(c, self.workdir, images)
+      else:
+        labels['teacher_embedding'] = identities.row_embeddings(external_path(c), c.data.dir,
+                                                                ts.rows)
+    return train_batches(c, images, labels, c.student.train.batch_size, c.seed + 1,
+                         degraded=True)
 
   def variables(self, name) -> dict:
     """{'params', 'batch_stats'} of a stage's model (a student's without its projector)."""
@@ -291,8 +368,10 @@ class Job(job_lib.Job):
     restoring, every finished stage (the teacher if none)."""
     if self.restore_only:
       names = [n for n in self.STAGES if self.finished(n)] or ['teacher']
-    else:
-      names = ['teacher'] + [n for n in self.listed() if n not in ('teacher', job_lib.EVALUATE)]
+    else:  # the teacher also when reused from another workdir
+      names = [n for n in self.listed() if n != job_lib.EVALUATE]
+      if 'teacher' not in names and self.finished('teacher'):
+        names.insert(0, 'teacher')
     states = self.trained_states(names, require_all=not self.restore_only)
     return {name: (self.teacher if name == 'teacher' else self.student, self.variables(name))
             for name in states}
@@ -318,11 +397,35 @@ class Job(job_lib.Job):
                                                 reports_of)
       results[name].update(model_report(model, variables, c.data.image_size))
     _, paths, pairs = sets[0]
-    ref = verification.external_reference(c, paths, pairs)
-    if ref is not None:
-      results['external_teacher_embeddings'] = ref
+    if runs_teacher(c):
+      results.update(self.score_external_teacher(sets))
+    else:
+      ref = verification.external_reference(c, paths, pairs)
+      if ref is not None:
+        results['external_teacher_embeddings'] = ref
     results['data'] = verification.data_summary(c, sets)
     return results
+
+  def score_external_teacher(self, sets) -> dict:
+    """{'external_teacher': its verification cells}, on the views the students see at each
+    quality (resized to its input); {} without its package (a warning): the students
+    are scored and served without it."""
+    c = self.data_config
+    try:
+      teacher = teachers.TEACHERS[c.data.external_teacher]()
+    except teachers.TeacherUnavailable as e:
+      logging.warning('not scoring the external teacher: %s', e)
+      return {}
+    cells = {}
+    for set_name, images, pairs in sets:
+      emb = {q: teacher_embeddings(
+          c, self.workdir, images, teacher=teacher, cache_pp=pipeline.cache_pp(c),
+          view_pp=verification.quality_pp(q, c.data.image_size, ''),
+          image_key='image' if q == 'hq' else 'image_lq') for q in verification.qualities(c)}
+      cell_prefix = '' if len(sets) == 1 else f'{set_name}/'
+      cells.update({cell_prefix + k: v for k, v in
+                    verification.verification_table(emb, pairs, c).items()})
+    return {'external_teacher': {**cells, 'identity': teacher.identity}}
 
   def write_reports(self, prefix: str, model, variables, paths, rocs: dict) -> None:
     """ROC curves per quality and CBAM spatial attention (per stage) on 4 faces -> reports/."""
