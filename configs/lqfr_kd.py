@@ -79,6 +79,7 @@ def get_config(preset: str = ''):
               temperature=4.0,
               beta=10.0,           # attention-map KD weight
               arcface=1.0,         # ArcFace's weight beside the KD terms (student_nokd: 1)
+              external_centre=True,  # student_external's targets less their mean (README)
               maps='channel,spatial'),
   )
   c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2)

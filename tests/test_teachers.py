@@ -166,9 +166,10 @@ def test_kd_from_a_teacher_the_project_runs(tmp_path, monkeypatch, photos):
                                         'metrics.jsonl').open()]
   assert all(r['loss'] == pytest.approx(r['output_kd'], rel=1e-6) for r in rows)  # no ArcFace
 
+  # Another run beside it (the next seed of a sweep) finds every train face cached.
   FakeTeacher.embedded = 0
-  config.seed = 1
-  app.run(config, str(tmp_path / 'runs' / 'b'))
+  images, _ = lqfr_kd.distill_set(config, ts)
+  lqfr_kd.teacher_embeddings(config, str(tmp_path / 'runs' / 'b'), images)
   assert FakeTeacher.embedded == 0
 
   def unavailable(self):
@@ -184,3 +185,19 @@ def test_kd_from_a_teacher_the_project_runs(tmp_path, monkeypatch, photos):
   verified = app.run(config, workdir, 'verify', f'{photos / "face.jpg"},{photos / "face.jpg"}',
                      align='none')
   assert verified['student_external']['similarity'] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_centred_targets_keep_what_tells_faces_apart():
+  """Embeddings with a large common component: centring gives unit rows with zero mean
+  direction, and different faces' cosines fall from near 1 to near 0 (NumPy reference)."""
+  rng = np.random.default_rng(0)
+  raw = 3.0 + rng.normal(size=(200, 16))  # the common direction dominates
+  unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+  out = lqfr_kd.centred(raw)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+  expected = unit - unit.mean(0)
+  np.testing.assert_allclose(out, expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+  off_diagonal = ~np.eye(200, dtype=bool)
+  assert (unit @ unit.T)[off_diagonal].mean() > 0.9
+  assert abs((out @ out.T)[off_diagonal].mean()) < 0.05

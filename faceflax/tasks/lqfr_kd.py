@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from faceflax import losses, reports, teachers, verification
 from faceflax.data import align as align_lib, identities, pipeline, sources, synthetic
@@ -112,10 +113,25 @@ def teacher_embeddings(config, workdir, images, *, view_pp: str = '', cache_pp: 
   view_pp = f'{view_pp}|resize({size})'
   views = pipeline_views(images, pp=view_pp, cache_pp=cache_pp, image_key=image_key,
                          batch_size=config.eval_batch_size)
-  return teachers.embeddings(teacher, images, views, f'{cache_pp}|{view_pp}|{image_key}',
-                             teacher_cache_dir(config, workdir),
-                             mirror_average=d.teacher_mirror_average,
-                             workers=d.teacher_workers or os.cpu_count() or 1)
+  compute = functools.partial(
+      teachers.embeddings, teacher, images, views, f'{cache_pp}|{view_pp}|{image_key}',
+      teacher_cache_dir(config, workdir), mirror_average=d.teacher_mirror_average,
+      workers=d.teacher_workers or os.cpu_count() or 1)
+  if jax.process_count() > 1:  # process 0 fills the (shared) cache, the others then read it
+    if jax.process_index() == 0:
+      compute()
+    multihost_utils.sync_global_devices('external teacher embeddings')
+  return compute()
+
+
+def centred(embeddings: np.ndarray) -> np.ndarray:
+  """Unit embeddings less their mean, renormalised. A face embedding such as dlib's has a
+  large component common to all faces (different people's faces: cosine 0.84 on average on
+  celeba_id): the cosine to the raw vectors is then nearly met by that common direction
+  alone, and a student distilled on it learns little of what tells faces apart."""
+  e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+  e = e - e.mean(0)
+  return (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def train_batches(config, images, labels: dict, batch_size: int, seed: int, *, degraded: bool):
@@ -350,10 +366,10 @@ class Job(job_lib.Job):
     if STUDENT_VARIANTS[name[len('student_'):]][2]:
       if runs_teacher(c):
         images, labels['label'] = distill_set(c, ts)
-        labels['teacher_embedding'] = teacher_embeddings(c, self.workdir, images)
+        emb = teacher_embeddings(c, self.workdir, images)
       else:
-        labels['teacher_embedding'] = identities.row_embeddings(external_path(c), c.data.dir,
-                                                                ts.rows)
+        emb = identities.row_embeddings(external_path(c), c.data.dir, ts.rows)
+      labels['teacher_embedding'] = centred(emb) if c.student.kd.external_centre else emb
     return train_batches(c, images, labels, c.student.train.batch_size, c.seed + 1,
                          degraded=True)
 
