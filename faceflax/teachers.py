@@ -14,6 +14,7 @@ import hashlib
 import multiprocessing
 import os
 import tempfile
+import time
 
 import numpy as np
 from absl import logging
@@ -21,6 +22,7 @@ from absl import logging
 from faceflax import progress as progress_lib
 
 EXTRA = 'pip install -e .[teachers]'
+SAVE_EVERY_S = 300  # a save rewrites the whole file: bounded in time, not per row
 
 
 class TeacherUnavailable(ImportError):
@@ -191,9 +193,10 @@ def _compute(teacher, views, missing, keys, cache, mirror_average, workers, chun
         part = batch[start:start + chunk]
         yield np.concatenate([part, part[:, :, ::-1]]) if mirror_average else part
 
-  embedder = _Embedder(teacher, workers)
+  # No more processes than chunks (each worker loads the network and the caller's modules).
+  embedder = _Embedder(teacher, min(workers, -(-len(missing) // chunk)))
   progress = progress_lib.Progress(f'{teacher.name} embeddings', len(missing))
-  done = 0
+  done, saved = 0, time.monotonic()
   try:
     for emb in embedder.map(batches()):
       if mirror_average:
@@ -204,8 +207,9 @@ def _compute(teacher, views, missing, keys, cache, mirror_average, workers, chun
         cache.rows[keys[i]] = e.astype(np.float32)
       done += len(emb)
       progress.update(done)
-      if done % (chunk * 100) < len(emb):  # keep what is done if the run stops
+      if time.monotonic() - saved > SAVE_EVERY_S:  # keep what is done if the run stops
         cache.save()
+        saved = time.monotonic()
   finally:
     embedder.close()
     cache.save()

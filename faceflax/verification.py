@@ -93,10 +93,16 @@ def score_model(model, variables, sets, config, mesh, forward=None, on_set=None)
   """The verification cells of one model on every set of ``eval_sets`` at every quality:
   one set's cells at the top ('hq', '14px_both'), several sets' as 'agedb_30/hq', ...;
   ``on_set(set_name, images, rocs)`` after each set (report pictures)."""
+  return score_embeddings(
+      lambda images, q: embed(model, variables, images, config, mesh, q, forward), sets,
+      config, on_set)
+
+
+def score_embeddings(embed_at, sets, config, on_set=None) -> dict:
+  """``score_model`` for any embedding: ``embed_at(images, quality)`` -> [N, D] unit rows."""
   cells = {}
   for set_name, images, pairs in sets:
-    emb = {q: embed(model, variables, images, config, mesh, q, forward)
-           for q in qualities(config)}
+    emb = {q: embed_at(images, q) for q in qualities(config)}
     rocs = {}
     table = verification_table(emb, pairs, config, rocs)
     cell_prefix = '' if len(sets) == 1 else f'{set_name}/'

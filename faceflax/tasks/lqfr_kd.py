@@ -117,11 +117,12 @@ def teacher_embeddings(config, workdir, images, *, view_pp: str = '', cache_pp: 
       teachers.embeddings, teacher, images, views, f'{cache_pp}|{view_pp}|{image_key}',
       teacher_cache_dir(config, workdir), mirror_average=d.teacher_mirror_average,
       workers=d.teacher_workers or os.cpu_count() or 1)
-  if jax.process_count() > 1:  # process 0 fills the (shared) cache, the others then read it
-    if jax.process_index() == 0:
-      compute()
-    multihost_utils.sync_global_devices('external teacher embeddings')
-  return compute()
+  if jax.process_count() == 1:
+    return compute()
+  # Process 0 fills the (shared) cache, the others then read it.
+  emb = compute() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('external teacher embeddings')
+  return compute() if emb is None else emb
 
 
 def centred(embeddings: np.ndarray) -> np.ndarray:
@@ -432,15 +433,11 @@ class Job(job_lib.Job):
     except teachers.TeacherUnavailable as e:
       logging.warning('not scoring the external teacher: %s', e)
       return {}
-    cells = {}
-    for set_name, images, pairs in sets:
-      emb = {q: teacher_embeddings(
-          c, self.workdir, images, teacher=teacher, cache_pp=pipeline.cache_pp(c),
-          view_pp=verification.quality_pp(q, c.data.image_size, ''),
-          image_key='image' if q == 'hq' else 'image_lq') for q in verification.qualities(c)}
-      cell_prefix = '' if len(sets) == 1 else f'{set_name}/'
-      cells.update({cell_prefix + k: v for k, v in
-                    verification.verification_table(emb, pairs, c).items()})
+    cells = verification.score_embeddings(
+        lambda images, q: teacher_embeddings(
+            c, self.workdir, images, teacher=teacher, cache_pp=pipeline.cache_pp(c),
+            view_pp=verification.quality_pp(q, c.data.image_size, ''),
+            image_key='image' if q == 'hq' else 'image_lq'), sets, c)
     return {'external_teacher': {**cells, 'identity': teacher.identity}}
 
   def write_reports(self, prefix: str, model, variables, paths, rocs: dict) -> None:
