@@ -79,6 +79,7 @@ def get_config(preset: str = ''):
               temperature=4.0,
               beta=10.0,           # attention-map KD weight
               arcface=1.0,         # ArcFace's weight beside the KD terms (student_nokd: 1)
+              relational=0.0,      # embedding KD: + this x the batch's pairwise cosines' MSE
               external_centre=True,  # student_external's targets less their mean (README)
               maps='channel,spatial'),
   )

@@ -208,6 +208,20 @@ def embedding_distillation(student_emb, teacher_emb, kind: str = 'cosine', weigh
   return masked_mean(per_example, weights)
 
 
+def similarity_distillation(student_emb, teacher_emb):
+  """Relational KD: the mean squared difference of the student's and the (frozen) teacher's
+  cosine similarities between the batch's examples (off the diagonal).
+
+  What verification reads off an embedding is the cosine between two faces; this term asks
+  for those directly, where 1 - cos to each target leaves the errors' directions free.
+  """
+  s = _l2_normalize(student_emb.astype(jnp.float32))
+  t = _l2_normalize(jax.lax.stop_gradient(teacher_emb).astype(jnp.float32))
+  n = s.shape[0]
+  diff = (s @ s.T - t @ t.T) * (1.0 - jnp.eye(n, dtype=jnp.float32))
+  return jnp.sum(diff ** 2) / max(n * (n - 1), 1)
+
+
 def attention_transfer(student_maps, teacher_maps, weights=None):
   """Attention transfer (Zagoruyko & Komodakis 2017), averaged over map pairs.
 

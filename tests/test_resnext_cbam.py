@@ -206,6 +206,21 @@ def test_embedding_distillation_matches_numpy():
     losses.embedding_distillation(s, t, 'l1')
 
 
+def test_similarity_distillation_matches_numpy():
+  rng = np.random.default_rng(2)
+  s, t = rng.normal(size=(5, 8)), rng.normal(size=(5, 8)) * 3
+  cos = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
+      x / np.linalg.norm(x, axis=1, keepdims=True)).T
+  pairs = ~np.eye(5, dtype=bool)
+  np.testing.assert_allclose(losses.similarity_distillation(s, t),
+                             ((cos(s) - cos(t))[pairs] ** 2).mean(), rtol=1e-5)
+  # Any rotation of the teacher's embeddings keeps its cosines: nothing to learn.
+  q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+  assert float(losses.similarity_distillation(t @ q, t)) < 1e-10
+  grad_t = jax.grad(lambda t: losses.similarity_distillation(s, t))(jnp.asarray(t))
+  np.testing.assert_array_equal(grad_t, 0.0)
+
+
 def _attention_transfer_numpy(student, teacher):
   out = []
   for s, t in zip(student, teacher):

@@ -149,7 +149,7 @@ def test_kd_from_a_teacher_the_project_runs(tmp_path, monkeypatch, photos):
   more = synthetic.write_identity_dataset(tmp_path / 'more', num_train_ids=3, num_val_ids=2,
                                           per_id=2, num_pairs=4, size=s.size, seed=5)
   config.data.update(external_teacher='fake', unlabeled=str(more), teacher_workers=1)
-  config.student.kd.arcface = 0.0
+  config.student.kd.update(arcface=0.0, relational=2.0)
   config.stages = 'student_external,evaluate'
   FakeTeacher.embedded = 0
   results = app.run(config, str(tmp_path / 'runs' / 'a'))
@@ -164,7 +164,9 @@ def test_kd_from_a_teacher_the_project_runs(tmp_path, monkeypatch, photos):
   assert os.listdir(tmp_path / 'runs' / 'teacher_cache') == ['fake-v1.npz']
   rows = [json.loads(line) for line in (tmp_path / 'runs' / 'a' / 'student_external' /
                                         'metrics.jsonl').open()]
-  assert all(r['loss'] == pytest.approx(r['output_kd'], rel=1e-6) for r in rows)  # no ArcFace
+  # No ArcFace: the output KD and the relational term alone.
+  assert all(r['loss'] == pytest.approx(r['output_kd'] + 2 * r['relational_kd'], rel=1e-6)
+             for r in rows)
 
   # Another run beside it (the next seed of a sweep) finds every train face cached.
   FakeTeacher.embedded = 0

@@ -226,6 +226,9 @@ def student_stage(name, student, teacher, config, teacher_vars,
         if projector is not None:
           emb = projector.apply({'params': params['projector']}, emb)
         terms['output_kd'] = losses.embedding_distillation(emb, target, kind='cosine')
+        if kd.relational:
+          terms['relational_kd'] = losses.similarity_distillation(emb, target)
+          total += alpha * kd.relational * terms['relational_kd']
       else:
         terms['output_kd'] = losses.distillation_kl(
             arc.scale * s_out['cosine'], arc.scale * t_out['cosine'], kd.temperature)
