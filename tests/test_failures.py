@@ -303,6 +303,10 @@ def test_keys_added_since_a_workdir_trained_count_as_their_old_behaviour():
   assert stages.config_changes(recorded, config) == []
   config.student.kd.ema_decay = 0.99
   assert stages.config_changes(recorded, config) == ['student.kd.ema_decay: 0.0 -> 0.99']
+  config = configs_for_tests.load('lqfr_kd', 'test')
+  recorded = stages._flat_config(config)  # pylint: disable=protected-access
+  del recorded['student.kd.relational']
+  assert stages.config_changes(recorded, config) == []
 
 
 # ----------------------------------------------------------------------------- configs
