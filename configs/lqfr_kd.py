@@ -7,7 +7,8 @@ Presets (``--config=configs/lqfr_kd.py:<preset>``):
              and the external teacher); < 60 min on 2 CPU cores
   celeba_kd  a pretrained face embedding (dlib's ResNet, ``pip install -e .[teachers]``)
              distilled into the student on degraded views of every train face of
-             celeba_id, utkface and scut_fbp5500; and the ArcFace-only student; < 60 min
+             celeba_id, utkface and scut_fbp5500; ~45 min on 2 CPU cores with the
+             teacher's embedding pass (~21 of them; cached: a second run skips it)
   paper      ResNeXt-50 32x4d, 512-d embeddings, paper-length schedules, for accelerators;
              CASIA-WebFace's insightface pack, AgeDB-30 / CPLFW at HQ, x2, x4, x8
   test       tiny, seconds; used by the tests
@@ -125,7 +126,8 @@ def get_config(preset: str = ''):
     c.student.model.embed_dim = 128  # the teacher's width: no projector
     c.student.train.update(steps=3000, batch_size=64, warmup_steps=100)
     c.student.kd.arcface = 0.0  # the teacher's embedding alone (ArcFace: README)
-    c.stages = 'student_nokd,student_external,evaluate'
+    # The ArcFace-only student of the README's table: --config.stages=student_nokd,...
+    c.stages = 'student_external,evaluate'
   elif preset == 'paper':
     # CASIA-WebFace as insightface packs it (train.rec/.idx, 10,575 identities, 112 px, with
     # agedb_30.bin and cplfw.bin beside it), indexed once by `python -m faceflax.data.prepare`
