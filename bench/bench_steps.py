@@ -34,8 +34,12 @@ analysis are printed (the ``paper`` presets, on a CPU machine).
 It imports no TensorFlow (an accelerator machine may have only jax, flax, optax and
 ml_collections), and checks so at the end.
 """
+import collections
+import glob
+import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -61,6 +65,9 @@ flags.DEFINE_bool('aot_only', False, 'Compile from shapes only: FLOPs and memory
 flags.DEFINE_integer('peak_size', 0, 'Side of the matmul that measures the peak (0: 2048 on '
                      'CPU, 8192 on accelerators).')
 flags.DEFINE_string('json', '', 'Also write the rows to this JSON file (stage -> row).')
+flags.DEFINE_string('profile', '', 'Also trace the timed steps with jax.profiler into '
+                    'PROFILE/<stage> (TensorBoard / Perfetto; the step\'s HLO beside it) and print the ops that take the '
+                    'most time, summed per kind.')
 flags.DEFINE_integer('num_classes', 0, 'lqfr_kd: ArcFace identities, which a run takes from '
                      'its data (0: data.synthetic.num_train_ids when data.dir is empty).')
 flags.DEFINE_integer('external_dim', 128, "lqfr_kd student_external: the external teacher's "
@@ -218,9 +225,48 @@ def time_stage(stage, mesh, steps: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times[1:]))
+  if FLAGS.profile:
+    profile_steps(update, state, batch, stage, steps, os.path.join(FLAGS.profile, stage.name))
   return {'img_s': stage.batch_size / step_s, 'step_s': step_s, 'init_s': init_s,
           'compile_s': compile_s, 'flops': flops, 'unoptimised': unoptimised,
           'memory': memory(update), 'device_peak': device_peak_gib()}
+
+
+def profile_steps(update, state, batch, stage, steps: int, trace_dir: str):
+  """Traces ``steps`` more steps and prints the op kinds with the most (thread) time; the
+  compiled step's HLO (the ops' names) goes beside the trace, as step.hlo.txt."""
+  os.makedirs(trace_dir, exist_ok=True)
+  with open(os.path.join(trace_dir, 'step.hlo.txt'), 'w') as f:
+    f.write(update.as_text())
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for i in range(steps):
+      state, metrics = update(state, batch, jax.random.key(i), *stage.consts)
+      jax.block_until_ready(metrics)
+  print_op_kinds(trace_dir, steps)
+
+
+# Host-side spans of the trace (Python frames, the executor, dispatch), not XLA ops.
+NOT_OPS = re.compile(r'^\$|Thunk|Pjit|Execute|PjRt|ThreadPool|Await')
+
+
+def print_op_kinds(trace_dir: str, steps: int, top: int = 12):
+  """Sums the trace's XLA op spans per kind (the op name less its numeric suffix: every
+  ``transpose_copy_fusion.N`` is one kind): ms per step, share, ops per step. Spans on
+  different threads overlap, so the total is thread time, not wall time."""
+  path = sorted(glob.glob(f'{trace_dir}/**/perfetto_trace.json.gz', recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  time_us, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and not NOT_OPS.search(e['name']):
+      kind = re.sub(r'[.\d]+$', '', e['name'])
+      time_us[kind] += e.get('dur', 0)
+      count[kind] += 1
+  total = sum(time_us.values())
+  print(f'  ops: {total / 1e3 / steps:.1f} ms of thread time per step ({path})')
+  for kind, t in time_us.most_common(top):
+    print(f'  {t / 1e3 / steps:9.1f} ms {100 * t / total:5.1f}% {count[kind] // steps:6d}  {kind}')
 
 
 # ----------------------------------------------------------------------------- report

@@ -229,6 +229,19 @@ def test_train_step_reaches_the_trunk_and_updates_batch_stats(test_model):
   assert not np.allclose(stats['stem_bn']['mean'], variables['batch_stats']['stem_bn']['mean'])
 
 
+@pytest.mark.parametrize('size', [40, 41])
+def test_max_pool_matches_reduce_window_values_and_gradient(size):
+  """The slices formulation against flax's reduce-window max-pool (odd and even sides; no
+  ties in random data, so the gradients agree exactly too)."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  cotangent = jax.random.normal(jax.random.key(1), resnet_msa.max_pool(x, 3, 2, 1).shape)
+  ours = lambda x: resnet_msa.max_pool(x, 3, 2, 1)
+  reference = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_array_equal(ours(x), reference(x))
+  grad = lambda f: jax.vjp(f, x)[1](cotangent)[0]
+  np.testing.assert_allclose(grad(ours), grad(reference), atol=1e-6)
+
+
 def test_resnet34_shapes_and_param_count_without_compute():
   variables, out = _shapes(resnet_msa.make('resnet34'), 224)
   params = variables['params']

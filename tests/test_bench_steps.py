@@ -52,12 +52,18 @@ def _rows(proc: subprocess.Popen) -> dict[str, list[str]]:
   return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
 
 
-def test_steps_run_without_data_or_tensorflow():
-  # Concurrently: each run is mostly single-threaded tracing and compilation.
-  runs = {task: _bench(task, f'--stages={stage}', '--steps=1', '--peak_size=256')
+def test_steps_run_without_data_or_tensorflow(tmp_path):
+  # Concurrently: each run is mostly single-threaded tracing and compilation. The age step
+  # is also profiled (--profile): its trace, its HLO and the op kinds' summary.
+  runs = {task: _bench(task, f'--stages={stage}', '--steps=1', '--peak_size=256',
+                       *([f'--profile={tmp_path}'] if task == 'age_mtmsa' else []))
           for task, stage in TIMED.items()}
   for task, stage in TIMED.items():
     rows = _rows(runs[task])
+    if task == 'age_mtmsa':
+      assert (tmp_path / stage / 'step.hlo.txt').read_text().startswith('HloModule')
+      assert float(rows['ops:'][0]) > 0  # ms of thread time per step, then one row per kind
+      assert any(cells[:1] == ['ms'] and '%' in cells[1] for cells in rows.values())
     batch, img_s, init_s, compile_s, gflops = rows[stage][:5]
     assert int(batch) == 16 and float(img_s) > 0, (task, rows[stage])
     assert float(init_s) > 0 and float(compile_s) > 0 and float(gflops.rstrip('*')) > 0

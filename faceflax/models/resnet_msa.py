@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 HEADS = ('age', 'gender', 'race')
 NUM_GENDERS = 2
@@ -33,6 +34,26 @@ def _batch_norm(train: bool, **kwargs):
 def dilated_receptive_field(rates: Sequence[int], kernel: int = 3) -> int:
   """Side of the receptive field of cascaded `kernel`-sized convolutions with `rates`."""
   return 1 + (kernel - 1) * sum(rates)
+
+
+def max_pool(x, window: int, stride: int, pad: int):
+  """``nn.max_pool`` (NHWC, square window, ``pad`` pixels of -inf on every side) computed
+  as a max over the window's rows, then over its columns, each the maximum of strided
+  slices.
+
+  Same values; its gradient is elementwise selects: 5.5 ms for the age stem's pool (fwd +
+  bwd, batch 64, 40x40x32) against 31 ms for XLA:CPU's reduce-window and the
+  select-and-scatter of its gradient, which took ~15% of the age train step. Where inputs
+  tie for the maximum the gradient is shared between them instead of going to one; after a
+  ReLU the ties are zeros, whose share the ReLU drops either way.
+  """
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+  for axis in (1, 2):
+    out = (x.shape[axis] - window) // stride + 1
+    taps = [lax.slice_in_dim(x, i, i + (out - 1) * stride + 1, stride, axis)
+            for i in range(window)]
+    x = functools.reduce(jnp.maximum, taps)
+  return x
 
 
 class BasicBlock(nn.Module):
@@ -142,7 +163,7 @@ class ResNetMSA(nn.Module):
                 name='stem')(images)
     x = nn.relu(_batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
     if self.stem_pool:
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = max_pool(x, 3, 2, 1)
     attention = []
     for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(size):
