@@ -84,9 +84,11 @@ def test_grouped_conv_is_grouped(tiny):
   assert kernel.shape == (3, 3, in_width // model.cardinality, in_width)
 
 
-@pytest.mark.parametrize('strides', [1, 2])
-def test_per_group_conv_matches_native_values_and_gradients(strides):
-  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 12))
+# (side, strides, the output has fewer pixels than the 3x3 window: the patch-matmul path)
+@pytest.mark.parametrize('side,strides,as_matmul', [(7, 1, False), (7, 2, False), (3, 1, False),
+                                                    (4, 2, True), (2, 1, True), (3, 2, True)])
+def test_per_group_conv_matches_native_values_and_gradients(side, strides, as_matmul):
+  x = jax.random.normal(jax.random.key(0), (2, side, side, 12))
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 8))  # 4 groups: 12 -> 8 channels
 
   def loss(x, kernel, conv):
@@ -100,6 +102,8 @@ def test_per_group_conv_matches_native_values_and_gradients(strides):
   np.testing.assert_allclose(y, y_native, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gx, gx_native, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gk, gk_native, rtol=1e-5, atol=1e-5)
+  program = str(jax.make_jaxpr(loss, static_argnums=2)(x, kernel, resnext_cbam.per_group_conv))
+  assert ('conv_general_dilated' not in program) == as_matmul
 
 
 def test_native_and_per_group_models_agree(tiny):
