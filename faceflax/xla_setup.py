@@ -7,22 +7,8 @@ YNNPACK ones it can hand them to (an experimental XLA option, off by default in 
 
 A flag already in the environment's XLA_FLAGS wins over ours; FACEFLAX_XLA_CPU_FLAGS=off
 sets none (XLA's defaults), FACEFLAX_XLA_CPU_FLAGS='--xla_...' sets those instead.
-
-XLA:CPU allocates each step's temporaries as one buffer (521 MiB for the LQFR teacher's
-step) and frees it after the step; glibc serves a block that large with a fresh mmap each
-time, so every step page-faults it in again (0.25 s of kernel time per LQFR teacher step,
-measured with getrusage). Where JAX computes on the CPU, ``configure`` therefore asks glibc
-to keep freed memory for reuse: one malloc arena (a worker thread's own arena would still
-mmap the block), no mmap for large blocks, no trimming; the process then keeps its peak
-heap. Not where an accelerator plugin is installed (its host threads would share the one
-arena) unless JAX_PLATFORMS=cpu; FACEFLAX_MALLOC=default leaves glibc's defaults.
 """
-import ctypes
-import ctypes.util
-import importlib.metadata
-import importlib.util
 import os
-import sys
 
 CPU_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=dot,reduce'
 
@@ -33,40 +19,8 @@ def flags_to_add(current: str, ours: str) -> str:
   return ' '.join(f for f in ours.split() if f.split('=', 1)[0] not in named)
 
 
-# mallopt parameters (glibc's malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-
-
-def computes_on_cpu() -> bool:
-  """Whether JAX will compute on the CPU: JAX_PLATFORMS says so, or no accelerator plugin
-  (a PJRT plugin or libtpu) is installed."""
-  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
-  if platforms:
-    return platforms.split(',')[0].strip() == 'cpu'
-  return not (importlib.metadata.entry_points(group='jax_plugins')
-              or importlib.util.find_spec('libtpu'))
-
-
-def keep_freed_memory() -> bool:
-  """glibc: reuse freed blocks instead of an mmap / munmap per step; False where not applied
-  (FACEFLAX_MALLOC=default, an accelerator, not Linux, not glibc)."""
-  if os.environ.get('FACEFLAX_MALLOC', '').strip().lower() == 'default':
-    return False
-  if not sys.platform.startswith('linux') or not computes_on_cpu():
-    return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-    return False
-  return all(mallopt(param, value) == 1 for param, value in
-             ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1)))
-
-
 def configure() -> None:
-  """Adds the CPU flags to XLA_FLAGS and keeps freed memory for reuse; call before the
-  first JAX computation (before JAX starts its threads)."""
-  keep_freed_memory()
+  """Adds the CPU flags to XLA_FLAGS; call before the first JAX computation."""
   ours = os.environ.get('FACEFLAX_XLA_CPU_FLAGS', CPU_FLAGS)
   if ours.strip().lower() == 'off':
     return

@@ -1,10 +1,7 @@
-"""faceflax's XLA:CPU flags (merged under the user's, accepted by this XLA, exact) and its
-malloc settings (freed memory is reused, not faulted in again)."""
+"""faceflax's XLA:CPU flags: merged under the user's, accepted by this XLA, exact."""
 import os
 import subprocess
 import sys
-
-import pytest
 
 from faceflax import xla_setup
 
@@ -17,7 +14,6 @@ def test_user_flags_win_by_name():
 
 
 def test_configure_appends_and_can_be_switched_off(monkeypatch):
-  monkeypatch.setenv('FACEFLAX_MALLOC', 'default')  # this process's malloc stays as it is
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
   monkeypatch.delenv('FACEFLAX_XLA_CPU_FLAGS', raising=False)
   xla_setup.configure()
@@ -68,36 +64,3 @@ def test_cpu_flags_are_accepted_and_change_no_result(tmp_path):
   ours = _run(tmp_path, 'ours', xla_setup.CPU_FLAGS)
   xla = _run(tmp_path, 'xla', '')
   np.testing.assert_allclose(ours, xla, rtol=1e-4, atol=1e-4)
-
-
-# A 256 MiB block allocated, written and freed twice, as XLA:CPU does with a step's
-# temporaries: the page faults of the second round, in MiB.
-REFAULT = r"""
-import ctypes, resource
-from faceflax import xla_setup
-xla_setup.configure()
-libc = ctypes.CDLL('libc.so.6')
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-def round_trip():
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  block = libc.malloc(2 ** 28)
-  ctypes.memset(block, 1, 2 ** 28)
-  libc.free(block)
-  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4096 / 2 ** 20
-round_trip()
-print(round_trip())
-"""
-
-
-def _refault_mib(malloc: str) -> float:
-  env = dict(os.environ, FACEFLAX_MALLOC=malloc, JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', REFAULT], env=env, check=True,
-                       capture_output=True, text=True).stdout
-  return float(out.split()[-1])
-
-
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
-def test_freed_memory_is_reused_not_faulted_in_again():
-  assert _refault_mib('default') > 200  # glibc's mmap / munmap: every page again
-  assert _refault_mib('') < 16
