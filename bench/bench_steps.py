@@ -66,8 +66,8 @@ flags.DEFINE_integer('peak_size', 0, 'Side of the matmul that measures the peak 
                      'CPU, 8192 on accelerators).')
 flags.DEFINE_string('json', '', 'Also write the rows to this JSON file (stage -> row).')
 flags.DEFINE_string('profile', '', 'Also trace the timed steps with jax.profiler into '
-                    'PROFILE/<stage> (TensorBoard / Perfetto; the step\'s HLO beside it) and print the ops that take the '
-                    'most time, summed per kind.')
+                    "PROFILE/<stage> (TensorBoard / Perfetto; the step's HLO beside it) and "
+                    'print the ops that take the most time, summed per kind.')
 flags.DEFINE_integer('num_classes', 0, 'lqfr_kd: ArcFace identities, which a run takes from '
                      'its data (0: data.synthetic.num_train_ids when data.dir is empty).')
 flags.DEFINE_integer('external_dim', 128, "lqfr_kd student_external: the external teacher's "

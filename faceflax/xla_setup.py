@@ -2,8 +2,9 @@
 
 XLA:CPU's own kernels for matmuls and reductions are slower than the YNNPACK ones it can
 hand them to (an experimental XLA option, off by default in jax 0.10; this XLA has no
-YNNPACK convolution fusion, so convolutions keep XLA's kernels): measured on the real train steps by ``bench/bench_xla_flags.py`` (README
-"Benchmarks"). The flags name the CPU backend only; accelerator programs are unchanged.
+YNNPACK convolution fusion, so convolutions keep XLA's kernels): measured on the real train
+steps by ``bench/bench_xla_flags.py`` (README "Benchmarks"). The flags name the CPU backend
+only; accelerator programs are unchanged.
 
 A flag already in the environment's XLA_FLAGS wins over ours; FACEFLAX_XLA_CPU_FLAGS=off
 sets none (XLA's defaults), FACEFLAX_XLA_CPU_FLAGS='--xla_...' sets those instead.

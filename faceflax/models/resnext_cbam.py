@@ -40,7 +40,8 @@ def per_group_conv(lhs, rhs, window_strides, padding, *args, dimension_numbers=N
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args,
                                     dimension_numbers=dn, **kwargs)
   if _as_patch_matmul(lhs, rhs, window_strides, padding, dn, args, kwargs):
-    return _grouped_patch_matmul(lhs, rhs, window_strides, padding, feature_group_count)
+    return _grouped_patch_matmul(lhs, rhs, window_strides, padding, feature_group_count,
+                                 kwargs.get('precision'))
   outs = [lax.conv_general_dilated(l, r, window_strides, padding, *args, dimension_numbers=dn,
                                    **kwargs)
           for l, r in zip(jnp.split(lhs, feature_group_count, axis=dn.lhs_spec[1]),
@@ -63,7 +64,7 @@ def _as_patch_matmul(lhs, rhs, strides, padding, dn, args, kwargs) -> bool:
   return out[0] * out[1] < kh * kw
 
 
-def _grouped_patch_matmul(lhs, rhs, strides, padding, groups: int):
+def _grouped_patch_matmul(lhs, rhs, strides, padding, groups: int, precision=None):
   """NHWC / HWIO grouped convolution as a matmul per group over the window's patches."""
   kh, kw, group_in, out_channels = rhs.shape
   x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
@@ -75,7 +76,7 @@ def _grouped_patch_matmul(lhs, rhs, strides, padding, groups: int):
           for i in range(kh) for j in range(kw)]
   patches = jnp.stack(taps, axis=3).reshape(n, out_h, out_w, kh * kw, groups, group_in)
   kernel = rhs.reshape(kh * kw, group_in, groups, out_channels // groups)
-  out = jnp.einsum('nhwkgc,kcgo->nhwgo', patches, kernel)
+  out = jnp.einsum('nhwkgc,kcgo->nhwgo', patches, kernel, precision=precision)
   return out.reshape(n, out_h, out_w, out_channels)
 
 
