@@ -90,7 +90,7 @@ for i in range(8):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[3:]) * 4096 / 2 ** 20)
+print(min(faults[3:]) * resource.getpagesize() / 2 ** 20)
 """
 
 
