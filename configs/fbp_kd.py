@@ -78,6 +78,15 @@ def get_config(preset: str = ''):
                    alpha=1.0, beta=1.0, output_kd='kl', temperature=2.0, feature_pairs='-1:-1',
                    unlabeled_batch_size=0, mixup=0.0, ema_decay=0.0),
   )
+  # A second teacher from outside faceflax (README "Facial beauty prediction: an external
+  # teacher"): RBF kernel ridge on a pretrained face embedding (teacher: a faceflax.teachers
+  # name, e.g. 'dlib_resnet'; '' = off) of the labeled train faces scores every KD face, and
+  # the student also regresses that score (weight). gammas x lambdas: chosen by exact
+  # leave-one-out error. The embeddings are cached in cache ('' = teacher_cache beside the
+  # workdir); workers: processes computing them (0 = one per CPU).
+  c.student.kd.external = dict(teacher='', weight=1.0, gammas=(1.0, 2.0, 5.0, 10.0),
+                               lambdas=(0.03, 0.1, 0.3, 1.0), mirror_average=True, workers=0,
+                               cache='')
   c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, image_every=500)
   c.train.seed = c.get_ref('seed')  # init, dropout and masking follow --config.seed
   # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches

@@ -1,6 +1,8 @@
-"""Linear probes on frozen features: closed-form ridge with exact leave-one-out lambda
+"""Probes on frozen features: closed-form ridge and RBF kernel ridge with exact leave-one-out
 selection, L-BFGS-fitted multinomial / per-output logistic regression, and seeded few-shot
-row draws. Pure functions of arrays (NumPy in, NumPy out), used by the transfer benchmark."""
+row draws. Pure functions of arrays (NumPy in, NumPy out), used by the transfer benchmark
+and by ``fbp_kd``'s external teacher (a kernel ridge on a face embedding)."""
+import dataclasses
 import functools
 
 import jax
@@ -52,6 +54,57 @@ def ridge_select(x, y, lams) -> tuple[np.ndarray, np.ndarray, float]:
   lams = tuple(lams) if np.ndim(lams) else (lams,)
   lam = float(lams[int(np.argmin(ridge_loo_errors(x, y, lams)))]) if len(lams) > 1 else lams[0]
   return (*ridge_fit(x, y, lam), float(lam))
+
+
+def rbf_kernel(a, b, gamma: float) -> np.ndarray:
+  """exp(-gamma |a_i - b_j|^2), float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
+  return np.exp(-gamma * np.maximum(sq, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRidge:
+  """y ~ mean + sum_i alpha_i k(x_i, x), chosen by exact leave-one-out error."""
+  x: np.ndarray
+  alpha: np.ndarray
+  mean: float
+  gamma: float
+  lam: float
+  loo_predictions: np.ndarray  # each training row predicted by the fit without it
+
+  def __call__(self, x, chunk: int = 4096) -> np.ndarray:
+    return np.concatenate([rbf_kernel(x[i:i + chunk], self.x, self.gamma) @ self.alpha
+                           for i in range(0, len(x), chunk)] or [np.zeros(0)]) + self.mean
+
+
+def kernel_ridge_select(x, y, gammas, lams) -> KernelRidge:
+  """RBF kernel ridge, argmin_f sum (f(x_i) - y_i)^2 + lam |f|^2 on y less its mean, with
+  the (gamma, lam) of least exact leave-one-out squared error.
+
+  One eigendecomposition per gamma serves every lam: with K = Q diag(e) Q^T, the hat
+  matrix is H = Q diag(e / (e + lam)) Q^T and row i's leave-one-out residual is
+  r_i / (1 - H_ii). The mean stays that of all rows (its own 1/n leave-one-out effect is
+  ignored). O(n^2) memory, O(n^3) time: meant for a few thousand labeled rows.
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  mean = float(y.mean())
+  yc = y - mean
+  best = None
+  for gamma in gammas:
+    e, q = np.linalg.eigh(rbf_kernel(x, x, gamma))
+    e = np.maximum(e, 0.0)
+    qty = q.T @ yc
+    for lam in lams:
+      shrink = e / (e + lam)
+      loo = yc - (yc - q @ (shrink * qty)) / (1 - (q ** 2) @ shrink)
+      err = float(np.mean((loo - yc) ** 2))
+      if best is None or err < best[0]:
+        best = (err, gamma, lam, q @ (qty / (e + lam)), loo + mean)
+  _, gamma, lam, alpha, loo = best
+  logging.info('kernel ridge: gamma %g, lambda %g of %s x %s (leave-one-out MSE %.4f)',
+               gamma, lam, tuple(gammas), tuple(lams), best[0])
+  return KernelRidge(x, alpha, mean, float(gamma), float(lam), loo)
 
 
 def probe_loss(params, x, y, weights, kind: str, l2: float):

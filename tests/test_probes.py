@@ -72,3 +72,31 @@ def test_fewshot_sampler_is_deterministic_and_balanced():
   np.testing.assert_array_equal(rows, probes.fewshot_indices(np.arange(500.0), 2, 'regression',
                                                                fraction=0.02))
   assert len(probes.fewshot_indices(np.zeros((40, 3)), 0, 'multilabel', fraction=0.02)) == 2
+
+
+def test_kernel_ridge_leave_one_out_is_exact_and_selects_by_it():
+  """Brute force: refit without each row (the mean of all rows kept, as documented)."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(30, 3))
+  y = np.sin(2 * x[:, 0]) + 0.1 * rng.normal(size=30) + 3.0
+  gammas, lams = (0.1, 1.0), (1e-3, 0.1, 10.0)
+  fit = probes.kernel_ridge_select(x, y, gammas, lams)
+  mean, errors = y.mean(), {}
+  for gamma in gammas:
+    for lam in lams:
+      loo = []
+      for i in range(30):
+        keep = np.arange(30) != i
+        k = probes.rbf_kernel(x[keep], x[keep], gamma)
+        alpha = np.linalg.solve(k + lam * np.eye(29), y[keep] - mean)
+        loo.append(probes.rbf_kernel(x[i:i + 1], x[keep], gamma)[0] @ alpha + mean)
+      errors[gamma, lam] = (np.mean((np.array(loo) - y) ** 2), np.array(loo))
+  best = min(errors, key=lambda p: errors[p][0])
+  assert (fit.gamma, fit.lam) == best
+  np.testing.assert_allclose(fit.loo_predictions, errors[best][1], rtol=1e-8)
+  # Prediction: the closed form on all rows, in chunks.
+  k = probes.rbf_kernel(x, x, fit.gamma)
+  alpha = np.linalg.solve(k + fit.lam * np.eye(30), y - mean)
+  new = rng.normal(size=(7, 3))
+  np.testing.assert_allclose(fit(new, chunk=3), probes.rbf_kernel(new, x, fit.gamma) @ alpha + mean,
+                             rtol=1e-8)

@@ -203,3 +203,35 @@ def test_centred_targets_keep_what_tells_faces_apart():
   off_diagonal = ~np.eye(200, dtype=bool)
   assert (unit @ unit.T)[off_diagonal].mean() > 0.9
   assert abs((out @ out.T)[off_diagonal].mean()) < 0.05
+
+
+def test_fbp_student_distils_an_external_teachers_score(tmp_path, monkeypatch):
+  """fbp_kd with ``student.kd.external``: the student's loss gains the weighted regression on
+  the external teacher's score of each face (labeled and unlabeled), every face is embedded
+  once into the cache, and evaluation scores that teacher alone and averaged with the MAE
+  teacher; an unknown teacher name is refused before any work."""
+  from faceflax.tasks import fbp_kd  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(teachers.TEACHERS, 'fake', FakeTeacher)
+  config = configs_for_tests.fbp()
+  config.stages = 'teacher_finetune,student_kd,evaluate'
+  config.student.kd.update(from_pretrained=False, unlabeled_batch_size=8)
+  config.student.kd.external.update(teacher='fake', weight=2.0, workers=1)
+  FakeTeacher.embedded = 0
+  results = app.run(config, str(tmp_path / 'runs' / 'a'))
+  s = config.data.synthetic
+  # Train and eval faces, each with its mirror image; the unlabeled set is the train faces.
+  assert FakeTeacher.embedded == 2 * (s.num_train + s.num_val)
+  rows = [json.loads(line) for line in (tmp_path / 'runs' / 'a' / 'student_kd' /
+                                        'metrics.jsonl').open()]
+  kd = config.student.kd
+  for r in rows:
+    expected = (r['score_loss'] + kd.ld_weight * r['ld_kl'] + kd.alpha * r['output_kd']
+                + kd.beta * r['feature_kd'] + 2.0 * r['external_kd'])
+    assert r['loss'] == pytest.approx(expected, rel=1e-5)
+  assert results['external_teacher']['n'] == s.num_val
+  assert {'gamma', 'lambda'} <= set(results['external_teacher'])
+  assert np.isfinite(results['teacher_and_external']['pc'])
+
+  config.student.kd.external.teacher = 'dlib'
+  with pytest.raises(ValueError, match=r"student.kd.external.teacher='dlib'"):
+    fbp_kd.check_config(config)

@@ -6,7 +6,8 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
   student_pretrain  MAE self-supervision of the smaller plain-ViT student
   student_kd        score loss + alpha * output KD + beta * feature KD from the
                     frozen teacher, whose forward pass runs inside the student's
-                    jit-compiled step (one XLA graph)
+                    jit-compiled step (one XLA graph); optionally also the score
+                    of a second, external teacher (``student.kd.external``)
   evaluate          PC / MAE / RMSE, parameter counts and FLOPs -> results.json
 """
 import functools
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from faceflax import config_checks, losses, metrics, reports
+from faceflax import config_checks, external_teacher, losses, metrics, probes, reports, teachers
 from faceflax.data import align as align_lib, pipeline, sources, synthetic
 from faceflax.models import heads, mae
 from faceflax.train import evaluation, job as job_lib, loop, mesh as mesh_lib, mixing, optim
@@ -57,6 +58,30 @@ def unlabeled_images(config, workdir: str):
 def train_batches(config, images, labels, batch_size, seed):
   return pipeline.train_batches(config, images, labels, batch_size=batch_size,
                                 pp=config.data.train_pp, seed=seed)
+
+
+def external_embeddings(config, workdir: str, images) -> np.ndarray:
+  """``student.kd.external.teacher``'s embeddings of the decoded faces (cached)."""
+  ext = config.student.kd.external
+  return external_teacher.embeddings(ext.teacher, images, workdir, cache=ext.cache,
+                                     mirror_average=ext.mirror_average, workers=ext.workers,
+                                     batch_size=config.eval_batch_size)
+
+
+def external_regressor(config, workdir: str, train) -> probes.KernelRidge:
+  """The external teacher's beauty score: RBF kernel ridge from its embedding of each
+  labeled train face to the face's score, (gamma, lambda) by exact leave-one-out error.
+
+  A pretrained face embedding carries what the MAE teacher, trained on a few thousand
+  faces, misses: on SCUT-FBP5500's folds their scores' errors are nearly independent
+  (README "Facial beauty prediction: an external teacher").
+  """
+  ext = config.student.kd.external
+  regressor = probes.kernel_ridge_select(external_embeddings(config, workdir, train.images),
+                                         train.labels['score'], ext.gammas, ext.lambdas)
+  logging.info('external teacher %s: leave-one-out PC %.3f on the %d train faces', ext.teacher,
+               np.corrcoef(regressor.loo_predictions, train.labels['score'])[0, 1], len(train))
+  return regressor
 
 
 # ----------------------------------------------------------------------------- stages
@@ -177,9 +202,11 @@ def kd_stage(name, student, teacher, cfg, pretrained, teacher_params, config) ->
   """Student step with the frozen teacher's forward pass inside (one XLA graph).
 
   Each batch (``kd_batches``) holds ``cfg.unlabeled_batch_size`` unlabeled faces after the
-  labeled ones.
+  labeled ones; with ``cfg.external.teacher`` every face also has the external teacher's
+  score (``external_score``), which the student regresses with weight ``cfg.external.weight``.
   """
   size = config.data.image_size
+  external = bool(cfg.external.teacher)
   pairs = kd_pairs(cfg, student, teacher)  # check_config has checked the grids
   projector = heads.TokenProjector(tuple(teacher.width for _ in pairs))
 
@@ -216,26 +243,36 @@ def kd_stage(name, student, teacher, cfg, pretrained, teacher_params, config) ->
       terms['feature_kd'] = sum(losses.feature_distillation(p, t_out['hidden'][t])
                                 for p, (_, t) in zip(projected, pairs)) / len(pairs)
       total += cfg.beta * terms['feature_kd']
+    if external:
+      terms['external_kd'] = losses.score_regression(s_out['score'], batch['external_score'],
+                                                     None, 'mse')
+      total += cfg.external.weight * terms['external_kd']
     return total, terms
 
+  labels = {'score': (), 'has_label': (), **({'external_score': ()} if external else {})}
   return loop.train_stage(
-      name, cfg, (tx, sched), init_fn, loss_fn, size, {'score': (), 'has_label': ()},
+      name, cfg, (tx, sched), init_fn, loss_fn, size, labels,
       batch_size=cfg.batch_size + cfg.unlabeled_batch_size, consts=(teacher_params,),
       loaded=loaded, param_axes={'student': mae.param_axes(student, size),
                                  'projector': mesh_lib.unsplit_axes(template['projector'])})
 
 
-def kd_batches(cfg, examples, unlabeled, config):
+def kd_batches(cfg, examples, unlabeled, config, external=None):
   """start_step -> batches of ``cfg.batch_size`` labeled faces, then (if any) unlabeled ones
-  (``unlabeled``: their images; never empty, they include the labeled train faces)."""
+  (``unlabeled``: their images; never empty, they include the labeled train faces).
+  ``external``: the external teacher's scores of the labeled and of the unlabeled faces."""
   score = examples.labels['score']
-  labeled = train_batches(config, examples.images, {'score': score, 'has_label': np.ones_like(score)},
-                          cfg.batch_size, config.seed + 2)
+  labels = {'score': score, 'has_label': np.ones_like(score)}
+  if external is not None:
+    labels['external_score'] = external[0]
+  labeled = train_batches(config, examples.images, labels, cfg.batch_size, config.seed + 2)
   extra = None
   if cfg.unlabeled_batch_size:
     zeros = np.zeros(len(unlabeled), np.float32)
-    extra = train_batches(config, unlabeled, {'score': zeros, 'has_label': zeros},
-                          cfg.unlabeled_batch_size, config.seed + 3)
+    labels = {'score': zeros, 'has_label': zeros}
+    if external is not None:
+      labels['external_score'] = external[1]
+    extra = train_batches(config, unlabeled, labels, cfg.unlabeled_batch_size, config.seed + 3)
 
   def batches(start_step):
     # Labeled faces carry the score loss; unlabeled ones only the KD terms.
@@ -313,6 +350,13 @@ def check_config(config) -> None:
     if cfg.mixup < 0:
       raise ValueError(f'{where}.mixup={cfg.mixup!r}: expected 0 (off) or a Beta alpha > 0')
   pairs = kd_pairs(kd, student, teacher)
+  ext = kd.external
+  if ext.teacher and ext.teacher not in teachers.TEACHERS:
+    raise ValueError(f'student.kd.external.teacher={ext.teacher!r}: expected \'\' (off) or one '
+                     f'of {sorted(teachers.TEACHERS)}')
+  if ext.weight < 0 or not ext.gammas or not ext.lambdas or min(*ext.gammas, *ext.lambdas) <= 0:
+    raise ValueError(f'student.kd.external: weight {ext.weight!r} must be >= 0 and gammas '
+                     f'{ext.gammas!r}, lambdas {ext.lambdas!r} non-empty and positive')
   if kd.output_kd not in ('kl', 'score'):
     raise ValueError(f"student.kd.output_kd={kd.output_kd!r}: expected 'kl' or 'score'")
   if kd.beta and pairs and student.grid % teacher.grid:
@@ -340,9 +384,16 @@ class Job(job_lib.Job):
     kd = config.student.kd
     train = functools.cache(lambda: labeled_examples(config, config.data.train_split, workdir))
     unlabeled = functools.cache(lambda: unlabeled_images(config, workdir))
+    kd_images = (lambda: (train(), unlabeled())) if kd.unlabeled_batch_size else train
+
+    def kd_reads():  # the external teacher's embeddings are computed (and cached) up front
+      kd_images()
+      if kd.external.teacher:
+        external_embeddings(config, workdir, train().images)
+        if kd.unlabeled_batch_size:
+          external_embeddings(config, workdir, unlabeled())
     reads = {'teacher_pretrain': unlabeled, 'student_pretrain': unlabeled,
-             'teacher_finetune': train,
-             'student_kd': (lambda: (train(), unlabeled())) if kd.unlabeled_batch_size else train,
+             'teacher_finetune': train, 'student_kd': kd_reads,
              'evaluate': lambda: labeled_examples(config, config.data.eval_split, workdir)}
     return reads
 
@@ -376,7 +427,13 @@ class Job(job_lib.Job):
       return train_batches(c, train.images, {'score': train.labels['score']},
                            c.teacher.finetune.batch_size, c.seed + 1)
     kd = c.student.kd
-    return kd_batches(kd, train, self.unlabeled if kd.unlabeled_batch_size else (), c)
+    unlabeled = self.unlabeled if kd.unlabeled_batch_size else ()
+    external = None
+    if kd.external.teacher:
+      score = external_regressor(c, self.workdir, train)
+      external = tuple(score(external_embeddings(c, self.workdir, images)).astype(np.float32)
+                       if len(images) else None for images in (train.images, unlabeled))
+    return kd_batches(kd, train, unlabeled, c, external)
 
   def _pretrained(self, name, cfg, upstream):
     """(params, where) of stage ``name`` when ``cfg.from_pretrained`` (restoring loads none)."""
@@ -416,9 +473,27 @@ class Job(job_lib.Job):
     if {'teacher', 'student'} <= set(results):
       results['student_teacher_param_ratio'] = (results['student']['params']
                                                 / results['teacher']['params'])
+    if c.student.kd.external.teacher and not self.restore_only:
+      results.update(self.score_external(examples, preds))
     results['data'] = {'dir': c.data.dir or 'built-in synthetic faces', 'split': split,
                        'n': len(examples), 'cv_fold': c.data.get('cv_fold', 0)}
     return results
+
+  def score_external(self, examples, preds: dict) -> dict:
+    """The external teacher's scores of the evaluated faces, alone and averaged with the
+    MAE teacher's (what the student is distilled from). Its regressor is refitted on the
+    train faces (deterministic; their embeddings are cached)."""
+    c = self.config
+    score = external_regressor(c, self.workdir, labeled_examples(c, c.data.train_split,
+                                                                 self.workdir))
+    pred = score(external_embeddings(c, self.workdir, examples.images))
+    target = np.asarray(examples.labels['score'], np.float32)
+    out = {'external_teacher': {**metrics.regression_report(pred, target),
+                                'gamma': score.gamma, 'lambda': score.lam}}
+    if 'teacher' in preds:
+      out['teacher_and_external'] = metrics.regression_report((preds['teacher'][0] + pred) / 2,
+                                                              target)
+    return out
 
   def predict_heads(self):
     """Beauty scores of the teacher and the student."""

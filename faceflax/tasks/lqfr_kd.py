@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from faceflax import losses, reports, teachers, verification
+from faceflax import external_teacher, losses, reports, teachers, verification
 from faceflax.data import align as align_lib, identities, pipeline, sources, synthetic
 from faceflax.models import resnext_cbam
 from faceflax.train import job as job_lib, loop, optim, stages as stages_lib, state as state_lib
@@ -83,46 +82,14 @@ def distill_set(config, ts: identities.TrainSet):
           np.concatenate([ts.labels, np.full(len(more), -1, np.int32)]))
 
 
-def teacher_cache_dir(config, workdir: str) -> str:
-  """``data.teacher_cache``, by default ``teacher_cache`` beside the workdir (so that the
-  runs of a sweep, ``<dir>/seed0``, ``<dir>/seed1``, ..., share it)."""
-  return config.data.teacher_cache or os.path.join(
-      os.path.dirname(os.path.abspath(workdir)), 'teacher_cache')
-
-
-def pipeline_views(images, *, pp: str, cache_pp: str, image_key: str = 'image',
-                   batch_size: int = 128):
-  """positions -> uint8 batches of ``images[positions]`` after ``cache_pp`` and ``pp``."""
-  def views(positions):
-    subset = (images.take(positions) if hasattr(images, 'take')
-              else [images[int(i)] for i in positions])
-    for batch in pipeline.make_eval_dataset(subset, {}, batch_size=batch_size, pp=pp,
-                                            cache_pp=cache_pp, validate=False, mode='stream'):
-      yield np.clip(np.round(batch[image_key][batch['mask']]), 0, 255).astype(np.uint8)
-  return views
-
-
-def teacher_embeddings(config, workdir, images, *, view_pp: str = '', cache_pp: str = '',
-                       image_key: str = 'image', teacher=None) -> np.ndarray:
-  """The external teacher's embeddings of ``images`` as seen after ``cache_pp`` and
-  ``view_pp`` (default: the decoded face), resized to its input size; cached."""
+def teacher_embeddings(config, workdir, images, **kwargs) -> np.ndarray:
+  """``data.external_teacher``'s embeddings of ``images`` (``external_teacher.embeddings``;
+  ``kwargs``: the views), cached in ``data.teacher_cache`` (default: beside the workdir)."""
   d = config.data
-  teacher = teacher or teachers.TEACHERS[d.external_teacher]()
-  size = teacher.input_size
-  cache_pp = cache_pp or 'decode'
-  view_pp = f'{view_pp}|resize({size})'
-  views = pipeline_views(images, pp=view_pp, cache_pp=cache_pp, image_key=image_key,
-                         batch_size=config.eval_batch_size)
-  compute = functools.partial(
-      teachers.embeddings, teacher, images, views, f'{cache_pp}|{view_pp}|{image_key}',
-      teacher_cache_dir(config, workdir), mirror_average=d.teacher_mirror_average,
-      workers=d.teacher_workers or os.cpu_count() or 1)
-  if jax.process_count() == 1:
-    return compute()
-  # Process 0 fills the (shared) cache, the others then read it.
-  emb = compute() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices('external teacher embeddings')
-  return compute() if emb is None else emb
+  return external_teacher.embeddings(
+      d.external_teacher, images, workdir, cache=d.teacher_cache,
+      mirror_average=d.teacher_mirror_average, workers=d.teacher_workers,
+      batch_size=config.eval_batch_size, **kwargs)
 
 
 def centred(embeddings: np.ndarray) -> np.ndarray:
