@@ -78,8 +78,8 @@ def get_config(preset: str = ''):
                    alpha=1.0, beta=1.0, output_kd='kl', temperature=2.0, feature_pairs='-1:-1',
                    unlabeled_batch_size=0, mixup=0.0, ema_decay=0.0),
   )
-  # A second teacher from outside faceflax (README "Facial beauty prediction: an external
-  # teacher"): RBF kernel ridge on a pretrained face embedding (teacher: a faceflax.teachers
+  # A second teacher from outside faceflax (README "An external teacher for the beauty
+  # student"): RBF kernel ridge on a pretrained face embedding (teacher: a faceflax.teachers
   # name, e.g. 'dlib_resnet'; '' = off) of the labeled train faces scores every KD face, and
   # the student also regresses that score (weight). gammas x lambdas: chosen by exact
   # leave-one-out error. The embeddings are cached in cache ('' = teacher_cache beside the

@@ -74,7 +74,8 @@ def external_regressor(config, workdir: str, train) -> probes.KernelRidge:
 
   A pretrained face embedding carries what the MAE teacher, trained on a few thousand
   faces, misses: on SCUT-FBP5500's folds their scores' errors are nearly independent
-  (README "Facial beauty prediction: an external teacher").
+  (``results/fbp_scut_cv/README.md``, "Recipe probes"; README "An external teacher for the
+  beauty student").
   """
   ext = config.student.kd.external
   regressor = probes.kernel_ridge_select(external_embeddings(config, workdir, train.images),
