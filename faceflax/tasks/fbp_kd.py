@@ -432,8 +432,10 @@ class Job(job_lib.Job):
     external = None
     if kd.external.teacher:
       score = external_regressor(c, self.workdir, train)
-      external = tuple(score(external_embeddings(c, self.workdir, images)).astype(np.float32)
-                       if len(images) else None for images in (train.images, unlabeled))
+      # score.x: the train faces' embeddings it was fitted on (not looked up a second time)
+      external = (score(score.x).astype(np.float32),
+                  score(external_embeddings(c, self.workdir, unlabeled)).astype(np.float32)
+                  if len(unlabeled) else None)
     return kd_batches(kd, train, unlabeled, c, external)
 
   def _pretrained(self, name, cfg, upstream):
