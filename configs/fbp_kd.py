@@ -83,8 +83,11 @@ def get_config(preset: str = ''):
   # name, e.g. 'dlib_resnet'; '' = off) of the labeled train faces scores every KD face, and
   # the student also regresses that score (weight). gammas x lambdas: chosen by exact
   # leave-one-out error. The embeddings are cached in cache ('' = teacher_cache beside the
-  # workdir); workers: processes computing them (0 = one per CPU).
-  c.student.kd.external = dict(teacher='', weight=1.0, gammas=(1.0, 2.0, 5.0, 10.0),
+  # workdir); workers: processes computing them (0 = one per CPU). embedding_weight > 0:
+  # the student also learns the teacher's centred embedding itself (a linear map of its
+  # pooled tokens, cosine), as lqfr_kd's celeba_kd student does.
+  c.student.kd.external = dict(teacher='', weight=1.0, embedding_weight=0.0,
+                               gammas=(1.0, 2.0, 5.0, 10.0),
                                lambdas=(0.03, 0.1, 0.3, 1.0), mirror_average=True, workers=0,
                                cache='')
   c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=2, image_every=500)

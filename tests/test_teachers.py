@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from faceflax import app, teachers
+from faceflax import app, external_teacher, teachers
 from faceflax.data import synthetic
 from faceflax.tasks import lqfr_kd
 from tests import configs_for_tests
@@ -195,7 +195,7 @@ def test_centred_targets_keep_what_tells_faces_apart():
   rng = np.random.default_rng(0)
   raw = 3.0 + rng.normal(size=(200, 16))  # the common direction dominates
   unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
-  out = lqfr_kd.centred(raw)
+  out = external_teacher.centred(raw)
   np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
   expected = unit - unit.mean(0)
   np.testing.assert_allclose(out, expected / np.linalg.norm(expected, axis=1, keepdims=True),
@@ -207,15 +207,17 @@ def test_centred_targets_keep_what_tells_faces_apart():
 
 def test_fbp_student_distils_an_external_teachers_score(tmp_path, monkeypatch):
   """fbp_kd with ``student.kd.external``: the student's loss gains the weighted regression on
-  the external teacher's score of each face (labeled and unlabeled), every face is embedded
+  the external teacher's score of each face (labeled and unlabeled) and the weighted cosine
+  distance to its centred embedding (``embedding_weight``), every face is embedded
   once into the cache, and evaluation scores that teacher alone and averaged with the MAE
-  teacher; an unknown teacher name is refused before any work."""
+  teacher; an unknown teacher name, or an embedding weight without a teacher, is refused
+  before any work."""
   from faceflax.tasks import fbp_kd  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(teachers.TEACHERS, 'fake', FakeTeacher)
   config = configs_for_tests.fbp()
   config.stages = 'teacher_finetune,student_kd,evaluate'
   config.student.kd.update(from_pretrained=False, unlabeled_batch_size=8)
-  config.student.kd.external.update(teacher='fake', weight=2.0, workers=1)
+  config.student.kd.external.update(teacher='fake', weight=2.0, embedding_weight=0.5, workers=1)
   FakeTeacher.embedded = 0
   results = app.run(config, str(tmp_path / 'runs' / 'a'))
   s = config.data.synthetic
@@ -226,7 +228,9 @@ def test_fbp_student_distils_an_external_teachers_score(tmp_path, monkeypatch):
   kd = config.student.kd
   for r in rows:
     expected = (r['score_loss'] + kd.ld_weight * r['ld_kl'] + kd.alpha * r['output_kd']
-                + kd.beta * r['feature_kd'] + 2.0 * r['external_kd'])
+                + kd.beta * r['feature_kd'] + 2.0 * r['external_kd']
+                + 0.5 * r['external_embedding_kd'])
+    assert 0 <= r['external_embedding_kd'] <= 2  # 1 - cosine
     assert r['loss'] == pytest.approx(expected, rel=1e-5)
   assert results['external_teacher']['n'] == s.num_val
   assert {'gamma', 'lambda'} <= set(results['external_teacher'])
@@ -234,4 +238,7 @@ def test_fbp_student_distils_an_external_teachers_score(tmp_path, monkeypatch):
 
   config.student.kd.external.teacher = 'dlib'
   with pytest.raises(ValueError, match=r"student.kd.external.teacher='dlib'"):
+    fbp_kd.check_config(config)
+  config.student.kd.external.teacher = ''
+  with pytest.raises(ValueError, match=r'embedding_weight=0.5 needs student.kd.external.teacher'):
     fbp_kd.check_config(config)

@@ -13,6 +13,7 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
 import functools
 
 import einops
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,22 +205,30 @@ def kd_stage(name, student, teacher, cfg, pretrained, teacher_params, config) ->
 
   Each batch (``kd_batches``) holds ``cfg.unlabeled_batch_size`` unlabeled faces after the
   labeled ones; with ``cfg.external.teacher`` every face also has the external teacher's
-  score (``external_score``), which the student regresses with weight ``cfg.external.weight``.
+  score (``external_score``), which the student regresses with weight ``cfg.external.weight``,
+  and its centred embedding (``external_embedding``), which a linear map of the student's
+  pooled tokens learns with weight ``cfg.external.embedding_weight`` (cosine).
   """
   size = config.data.image_size
   external = bool(cfg.external.teacher)
+  embed_dim = teachers.dim(cfg.external.teacher) if external else 0
   pairs = kd_pairs(cfg, student, teacher)  # check_config has checked the grids
   projector = heads.TokenProjector(tuple(teacher.width for _ in pairs))
+  embedder = nn.Dense(embed_dim) if cfg.external.embedding_weight else None
 
   loaded = {}
 
   def init_params_fn(rng):
     params = load_pretrained(mae.init_params(student, rng, size), pretrained, cfg, loaded)
     tokens = [jnp.zeros((1, teacher.grid ** 2, student.width))] * len(pairs)
-    return {'student': params,
-            'projector': projector.init(jax.random.fold_in(rng, 3), tokens)['params']}
+    params = {'student': params,
+              'projector': projector.init(jax.random.fold_in(rng, 3), tokens)['params']}
+    if embedder:
+      pooled = jnp.zeros((1, student.width))
+      params['embedder'] = embedder.init(jax.random.fold_in(rng, 4), pooled)['params']
+    return params
 
-  def kd_layer_id(path):  # the projector trains at the head's rate
+  def kd_layer_id(path):  # the projector and embedder train at the head's rate
     if path.startswith('student/'):
       return mae.layer_id(path[len('student/'):], student.depth)
     return student.depth + 1
@@ -248,31 +257,40 @@ def kd_stage(name, student, teacher, cfg, pretrained, teacher_params, config) ->
       terms['external_kd'] = losses.score_regression(s_out['score'], batch['external_score'],
                                                      None, 'mse')
       total += cfg.external.weight * terms['external_kd']
+    if embedder:
+      emb = embedder.apply({'params': params['embedder']}, s_out['pooled'])
+      terms['external_embedding_kd'] = losses.embedding_distillation(
+          emb, batch['external_embedding'], kind='cosine')
+      total += cfg.external.embedding_weight * terms['external_embedding_kd']
     return total, terms
 
-  labels = {'score': (), 'has_label': (), **({'external_score': ()} if external else {})}
+  labels = {'score': (), 'has_label': ()}
+  if external:
+    labels.update(external_score=(), external_embedding=(embed_dim,))
+  axes = {'student': mae.param_axes(student, size),
+          **{k: mesh_lib.unsplit_axes(v) for k, v in template.items() if k != 'student'}}
   return loop.train_stage(
       name, cfg, (tx, sched), init_fn, loss_fn, size, labels,
       batch_size=cfg.batch_size + cfg.unlabeled_batch_size, consts=(teacher_params,),
-      loaded=loaded, param_axes={'student': mae.param_axes(student, size),
-                                 'projector': mesh_lib.unsplit_axes(template['projector'])})
+      loaded=loaded, param_axes=axes)
 
 
 def kd_batches(cfg, examples, unlabeled, config, external=None):
   """start_step -> batches of ``cfg.batch_size`` labeled faces, then (if any) unlabeled ones
   (``unlabeled``: their images; never empty, they include the labeled train faces).
-  ``external``: the external teacher's scores of the labeled and of the unlabeled faces."""
+  ``external``: the external teacher's labels (``Job._external_labels``) of the labeled
+  and of the unlabeled faces."""
   score = examples.labels['score']
   labels = {'score': score, 'has_label': np.ones_like(score)}
   if external is not None:
-    labels['external_score'] = external[0]
+    labels.update(external[0])
   labeled = train_batches(config, examples.images, labels, cfg.batch_size, config.seed + 2)
   extra = None
   if cfg.unlabeled_batch_size:
     zeros = np.zeros(len(unlabeled), np.float32)
     labels = {'score': zeros, 'has_label': zeros}
     if external is not None:
-      labels['external_score'] = external[1]
+      labels.update(external[1])
     extra = train_batches(config, unlabeled, labels, cfg.unlabeled_batch_size, config.seed + 3)
 
   def batches(start_step):
@@ -355,8 +373,12 @@ def check_config(config) -> None:
   if ext.teacher and ext.teacher not in teachers.TEACHERS:
     raise ValueError(f'student.kd.external.teacher={ext.teacher!r}: expected \'\' (off) or one '
                      f'of {sorted(teachers.TEACHERS)}')
-  if ext.weight < 0 or not ext.gammas or not ext.lambdas or min(*ext.gammas, *ext.lambdas) <= 0:
-    raise ValueError(f'student.kd.external: weight {ext.weight!r} must be >= 0 and gammas '
+  if ext.embedding_weight and not ext.teacher:
+    raise ValueError(f'student.kd.external.embedding_weight={ext.embedding_weight!r} needs '
+                     'student.kd.external.teacher (the embedding it distils)')
+  if min(ext.weight, ext.embedding_weight) < 0 or not ext.gammas or not ext.lambdas or min(*ext.gammas, *ext.lambdas) <= 0:
+    raise ValueError(f'student.kd.external: weight {ext.weight!r} and embedding_weight '
+                     f'{ext.embedding_weight!r} must be >= 0 and gammas '
                      f'{ext.gammas!r}, lambdas {ext.lambdas!r} non-empty and positive')
   if kd.output_kd not in ('kl', 'score'):
     raise ValueError(f"student.kd.output_kd={kd.output_kd!r}: expected 'kl' or 'score'")
@@ -429,14 +451,20 @@ class Job(job_lib.Job):
                            c.teacher.finetune.batch_size, c.seed + 1)
     kd = c.student.kd
     unlabeled = self.unlabeled if kd.unlabeled_batch_size else ()
-    external = None
-    if kd.external.teacher:
-      score = external_regressor(c, self.workdir, train)
-      # score.x: the train faces' embeddings it was fitted on (not looked up a second time)
-      external = (score(score.x).astype(np.float32),
-                  score(external_embeddings(c, self.workdir, unlabeled)).astype(np.float32)
-                  if len(unlabeled) else None)
+    external = self._external_labels(train, unlabeled) if kd.external.teacher else None
     return kd_batches(kd, train, unlabeled, c, external)
+
+  def _external_labels(self, train, unlabeled) -> tuple[dict, dict | None]:
+    """The external teacher's score and centred embedding of the labeled and the unlabeled
+    KD faces (centred over both sets together)."""
+    score = external_regressor(self.config, self.workdir, train)
+    # score.x: the train faces' embeddings it was fitted on (not looked up a second time)
+    sets = [score.x] + ([external_embeddings(self.config, self.workdir, unlabeled)]
+                        if len(unlabeled) else [])
+    centred = np.split(external_teacher.centred(np.concatenate(sets)), [len(score.x)])
+    labels = [{'external_score': score(x).astype(np.float32), 'external_embedding': e}
+              for x, e in zip(sets, centred)]
+    return labels[0], labels[1] if len(labels) > 1 else None
 
   def _pretrained(self, name, cfg, upstream):
     """(params, where) of stage ``name`` when ``cfg.from_pretrained`` (restoring loads none)."""

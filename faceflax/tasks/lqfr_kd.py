@@ -92,16 +92,6 @@ def teacher_embeddings(config, workdir, images, **kwargs) -> np.ndarray:
       batch_size=config.eval_batch_size, **kwargs)
 
 
-def centred(embeddings: np.ndarray) -> np.ndarray:
-  """Unit embeddings less their mean, renormalised. A face embedding such as dlib's has a
-  large component common to all faces (different people's faces: cosine 0.84 on average on
-  celeba_id): the cosine to the raw vectors is then nearly met by that common direction
-  alone, and a student distilled on it learns little of what tells faces apart."""
-  e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-  e = e - e.mean(0)
-  return (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def train_batches(config, images, labels: dict, batch_size: int, seed: int, *, degraded: bool):
   # Degrade first: the later ops (flip, value range) then act on both views alike.
   pp = f'{config.data.degrade}|{config.data.train_pp}' if degraded else config.data.train_pp
@@ -340,7 +330,7 @@ class Job(job_lib.Job):
         emb = teacher_embeddings(c, self.workdir, images)
       else:
         emb = identities.row_embeddings(external_path(c), c.data.dir, ts.rows)
-      labels['teacher_embedding'] = centred(emb) if c.student.kd.external_centre else emb
+      labels['teacher_embedding'] = external_teacher.centred(emb) if c.student.kd.external_centre else emb
     return train_batches(c, images, labels, c.student.train.batch_size, c.seed + 1,
                          degraded=True)
 
