@@ -10,16 +10,14 @@ the median over the rounds of the step's img/s (itself the median of --steps ste
 
 A flag set is a name from FLAG_SETS or raw XLA flags (``--xla_...``); 'base' is none.
 """
-import json
 import os
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # pylint: disable=g-import-not-at-top
 from faceflax import xla_setup  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -41,24 +39,22 @@ FLAG_SETS = {
     'ynn_all': '--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce',
     'xnn_greedy': '--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY',
     'onednn': '--xla_cpu_use_onednn=true',
+    # cheaper LLVM for the step's compile (start-up), on top of faceflax's flags
+    'llvm_cheap': xla_setup.CPU_FLAGS + ' --xla_llvm_disable_expensive_passes=true',
+    'llvm_O2': xla_setup.CPU_FLAGS + ' --xla_backend_optimization_level=2',
 }
 
 
 def run_once(config: str, xla_flags: str) -> dict:
   bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bench_steps.py')
-  env = dict(os.environ, XLA_FLAGS=xla_flags, FACEFLAX_XLA_CPU_FLAGS='off',
+  env = dict(XLA_FLAGS=xla_flags, FACEFLAX_XLA_CPU_FLAGS='off',
              FACEFLAX_COMPILATION_CACHE='off')  # every run compiles: compile s is comparable
   config, _, stages = config.partition('@')
-  with tempfile.NamedTemporaryFile(suffix='.json') as out:
-    cmd = [sys.executable, bench, f'--config={config}', f'--steps={FLAGS.steps}',
-           f'--json={out.name}', f'--num_classes={FLAGS.num_classes}']
-    if stages:
-      cmd.append(f'--stages={stages.replace("+", ",")}')
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode:
-      raise RuntimeError(f'{config} with XLA_FLAGS={xla_flags!r} failed:\n{proc.stderr[-3000:]}')
-    with open(out.name) as f:
-      return json.load(f)
+  args = [bench, f'--config={config}', f'--steps={FLAGS.steps}',
+          f'--num_classes={FLAGS.num_classes}']
+  if stages:
+    args.append(f'--stages={stages.replace("+", ",")}')
+  return common.run_fresh(args, env, f'{config} with XLA_FLAGS={xla_flags!r}')
 
 
 def main(argv):

@@ -1,4 +1,9 @@
 """Shared benchmark helpers: the machine's matmul peak and a train stage's throughput."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -67,3 +72,17 @@ def print_row(name: str, stage: loop.Stage, r: dict, peak: float):
   print(f'{name:18s} {stage.batch_size:5d} {r["img_s"]:8.1f} {r["compile_s"]:9.1f} '
         f'{r["gflops_s"]:8.1f} {100 * r["gflops_s"] / peak:6.1f}% {r["pipeline_img_s"]:14.1f} '
         f'{r["pipeline_img_s"] / r["img_s"]:8.1f}x')
+
+
+def run_fresh(args: list, env: dict, what: str) -> dict:
+  """Runs ``python args --json=FILE`` in a fresh process (XLA reads its flags and JAX fills
+  its caches once per process) with ``env`` added to the environment; returns the JSON the
+  process wrote. ``what``: the run, named in the error if it fails."""
+  with tempfile.NamedTemporaryFile(suffix='.json') as out:
+    proc = subprocess.run([sys.executable, *args, f'--json={out.name}'],
+                          env=dict(os.environ, **env), capture_output=True, text=True,
+                          check=False)
+    if proc.returncode:
+      raise RuntimeError(f'{what} failed:\n{proc.stderr[-3000:]}')
+    with open(out.name) as f:
+      return json.load(f)

@@ -275,3 +275,22 @@ def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path, sett
     assert out.strip() == '' and not cache.exists() and not (tmp_path / 'home').exists()
   else:
     assert out.strip() == str(cache) and any(cache.iterdir())  # the compiled program is kept
+
+
+def test_init_compiled_for_start_up_equals_the_default_compile(tmp_path, monkeypatch):
+  """``loop.jit_init`` compiles a small state's init unoptimised on CPU (start-up): the
+  initial state is the default compile's, to float rounding; a big state keeps the
+  defaults (its generation would cost more than the compile saves)."""
+  config = configs_for_tests.fbp()
+  job = fbp_kd.Job(config, str(tmp_path))
+  for name in ('teacher_finetune', 'student_kd'):
+    stage = job.stage(name)
+    shapes = jax.eval_shape(stage.init_fn, jax.random.key(3))
+    assert loop.init_compiler_options(shapes, job.mesh)  # else this compares a compile with itself
+    init, _ = loop.jit_init(stage, job.mesh, jax.random.key(3))
+    fast, default = init(jax.random.key(3)), jax.jit(stage.init_fn)(jax.random.key(3))
+    assert jax.tree.structure(fast) == jax.tree.structure(default)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(default)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  monkeypatch.setattr(loop, 'CHEAP_INIT_MAX_ELEMENTS', 1000)
+  assert loop.init_compiler_options(shapes, job.mesh) == {}

@@ -98,11 +98,30 @@ def is_done(workdir: str, name: str) -> bool:
   return os.path.exists(done_marker(workdir, name))
 
 
+# Init runs once, and what XLA keeps of it is random-number generation (the forward pass
+# feeds no output and is dropped when tracing): one threefry per parameter, on which
+# XLA:CPU's full LLVM optimisation spends most of a cold init. Compiled unoptimised, init
+# takes 35-60% less time up to ~16M state elements, the generation itself running ~5x
+# slower: it breaks even near 250M (README "Benchmarks", start-up). Accelerators keep
+# XLA's defaults (unmeasured).
+CHEAP_INIT_MAX_ELEMENTS = 100_000_000
+
+
+def init_compiler_options(shapes, mesh) -> dict:
+  """XLA options for compiling the init of a state of these ``shapes`` on ``mesh``."""
+  elements = sum(x.size for x in jax.tree.leaves(shapes))
+  if mesh.devices.flat[0].platform != 'cpu' or elements > CHEAP_INIT_MAX_ELEMENTS:
+    return {}
+  return {'xla_backend_optimization_level': 0}
+
+
 def jit_init(stage: Stage, mesh, rng) -> tuple[Callable, Any]:
   """(init jitted to the state's shardings, the abstract state: shapes and shardings)."""
   shapes = jax.eval_shape(stage.init_fn, rng)
   shardings = mesh_lib.state_shardings(shapes, mesh, stage.param_axes, stage.tx)
-  return jax.jit(stage.init_fn, out_shardings=shardings), checkpoint.abstract(shapes, shardings)
+  init = jax.jit(stage.init_fn, out_shardings=shardings,
+                 compiler_options=init_compiler_options(shapes, mesh))
+  return init, checkpoint.abstract(shapes, shardings)
 
 
 def lower_update(stage: Stage, mesh, example_batch: dict, abstract_state,
