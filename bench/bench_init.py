@@ -17,7 +17,8 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import bench_steps, common  # pylint: disable=g-import-not-at-top  # --config, --stages, --json
+# bench_steps defines --config, --stages, --num_classes and --json
+from bench import bench_steps, common  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('rounds', 2, 'Interleaved repetitions of both modes.')

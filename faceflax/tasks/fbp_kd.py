@@ -376,7 +376,8 @@ def check_config(config) -> None:
   if ext.embedding_weight and not ext.teacher:
     raise ValueError(f'student.kd.external.embedding_weight={ext.embedding_weight!r} needs '
                      'student.kd.external.teacher (the embedding it distils)')
-  if min(ext.weight, ext.embedding_weight) < 0 or not ext.gammas or not ext.lambdas or min(*ext.gammas, *ext.lambdas) <= 0:
+  if (min(ext.weight, ext.embedding_weight) < 0 or not ext.gammas or not ext.lambdas
+      or min(*ext.gammas, *ext.lambdas) <= 0):
     raise ValueError(f'student.kd.external: weight {ext.weight!r} and embedding_weight '
                      f'{ext.embedding_weight!r} must be >= 0 and gammas '
                      f'{ext.gammas!r}, lambdas {ext.lambdas!r} non-empty and positive')
