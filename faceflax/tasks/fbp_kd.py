@@ -266,7 +266,9 @@ def kd_stage(name, student, teacher, cfg, pretrained, teacher_params, config) ->
 
   labels = {'score': (), 'has_label': ()}
   if external:
-    labels.update(external_score=(), external_embedding=(embed_dim,))
+    labels['external_score'] = ()
+  if embedder:
+    labels['external_embedding'] = (embed_dim,)
   axes = {'student': mae.param_axes(student, size),
           **{k: mesh_lib.unsplit_axes(v) for k, v in template.items() if k != 'student'}}
   return loop.train_stage(
@@ -462,9 +464,11 @@ class Job(job_lib.Job):
     # score.x: the train faces' embeddings it was fitted on (not looked up a second time)
     sets = [score.x] + ([external_embeddings(self.config, self.workdir, unlabeled)]
                         if len(unlabeled) else [])
-    centred = np.split(external_teacher.centred(np.concatenate(sets)), [len(score.x)])
-    labels = [{'external_score': score(x).astype(np.float32), 'external_embedding': e}
-              for x, e in zip(sets, centred)]
+    labels = [{'external_score': score(x).astype(np.float32)} for x in sets]
+    if self.config.student.kd.external.embedding_weight:  # only carried when distilled
+      centred = np.split(external_teacher.centred(np.concatenate(sets)), [len(score.x)])
+      for label, e in zip(labels, centred):
+        label['external_embedding'] = e
     return labels[0], labels[1] if len(labels) > 1 else None
 
   def _pretrained(self, name, cfg, upstream):
