@@ -44,6 +44,8 @@ e.g.
 """
 import ml_collections
 
+from faceflax import config_defaults
+
 SHARED = '../shared/data'
 
 
@@ -88,24 +90,7 @@ def get_config(preset: str = ''):
   )
   c.train = dict(optimizer(1000, 64, 2e-3, 100), log_every=50, checkpoint_every=500,
                  keep_checkpoints=2)
-  # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
-  # per step, the device mesh (data=-1: every device the model axis leaves).
-  c.train.update(precision='fp32', grad_accum_steps=1)
-  # README "Failure behaviour": a non-finite step stops the run or is skipped ('skip');
-  # bad examples raise an error naming them, or are skipped and counted (skip_bad=True).
-  c.train.on_nonfinite = 'stop'
-  c.data.skip_bad = False
-  # README "Data at scale": 'cache' decodes the split into memory once, 'stream' reads and
-  # decodes each step's examples (record stores, datasets larger than memory); 'auto' caches
-  # when the decoded split is at most cache_max_gb.
-  c.data.input = 'auto'
-  c.data.cache_max_gb = 2.0
-  # A TFDS dataset instead of data.dir ('scut_fbp5500/cv1', ...; built by
-  # `python -m faceflax.data.tfds`), from tfds_data_dir (default: TFDS's own).
-  c.data.tfds = ''
-  c.data.tfds_data_dir = ''
-  c.mesh = dict(data=-1, model=1)
-  c.train.seed = c.get_ref('seed')  # the loop's init / dropout seed follows config.seed
+  config_defaults.add_run_settings(c)
   c.eval = dict(split='test')  # --mode=eval: scored split ('every row' if no split column)
 
   if preset == 'utkface':

@@ -17,6 +17,8 @@ Then score the encoder downstream:
 """
 import ml_collections
 
+from faceflax import config_defaults
+
 SHARED = '../shared/data'
 
 
@@ -50,23 +52,7 @@ def get_config(preset: str = ''):
   )
   c.train = dict(steps=800, batch_size=128, lr=1.5e-3, warmup_steps=100, weight_decay=0.05,
                  grad_clip=1.0, log_every=50, checkpoint_every=500, keep_checkpoints=2)
-  # Scale-out (README "Running on a cluster"): 'bf16' compute with fp32 params, micro-batches
-  # per step, the device mesh (data=-1: every device the model axis leaves).
-  c.train.update(precision='fp32', grad_accum_steps=1)
-  # README "Failure behaviour": a non-finite step stops the run or is skipped ('skip');
-  # bad examples raise an error naming them, or are skipped and counted (skip_bad=True).
-  c.train.on_nonfinite = 'stop'
-  c.data.skip_bad = False
-  # README "Data at scale": 'cache' decodes the split into memory once, 'stream' reads and
-  # decodes each step's examples (record stores, datasets larger than memory); 'auto' caches
-  # when the decoded split is at most cache_max_gb.
-  c.data.input = 'auto'
-  c.data.cache_max_gb = 2.0
-  # Dataset entries 'tfds:NAME[/CONFIG]' read a TFDS build (`python -m faceflax.data.tfds`)
-  # from tfds_data_dir (default: TFDS's own) instead of a folder or store under root.
-  c.data.tfds_data_dir = ''
-  c.mesh = dict(data=-1, model=1)
-  c.train.seed = c.get_ref('seed')
+  config_defaults.add_run_settings(c, data_tfds=False)
   c.eval = dict(split='val')  # --mode=eval
 
   if preset == 'paper':
