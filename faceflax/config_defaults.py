@@ -1,7 +1,8 @@
 """Run-level config keys every task shares, set in one place (each ``configs/<task>.py``
 calls ``add_run_settings`` and keeps only what is specific to its method).
 
-Imports nothing but ml_collections' types, so reading a config stays cheap.
+Imports nothing (it only sets keys on the ConfigDict it is given), so reading a config stays
+cheap.
 """
 
 
