@@ -42,6 +42,8 @@ e.g.
   python main.py --config=configs/age_mtmsa.py:utkface --workdir=/work/runs/age_plain \\
       --config.model.msa_stages='()'
 """
+import functools
+
 import ml_collections
 
 from faceflax import config_defaults
@@ -49,9 +51,7 @@ from faceflax import config_defaults
 SHARED = '../shared/data'
 
 
-def optimizer(steps, batch_size, lr, warmup, weight_decay=0.05):
-  return dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
-              weight_decay=weight_decay, layer_decay=1.0, grad_clip=5.0)
+optimizer = functools.partial(config_defaults.optimizer, grad_clip=5.0)
 
 
 def get_config(preset: str = ''):

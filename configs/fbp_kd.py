@@ -7,6 +7,8 @@ Presets (``--config=configs/fbp_kd.py:<preset>``):
   paper      ViT-B teacher at 224 px, paper-length schedules, for accelerators
   test       tiny, seconds; used by the tests
 """
+import functools
+
 import ml_collections
 
 from faceflax import config_defaults
@@ -14,9 +16,7 @@ from faceflax import config_defaults
 SHARED = '../shared/data'
 
 
-def optimizer(steps, batch_size, lr, warmup, weight_decay=0.05, layer_decay=1.0, **extra):
-  return dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
-              weight_decay=weight_decay, layer_decay=layer_decay, grad_clip=1.0, **extra)
+optimizer = functools.partial(config_defaults.optimizer, grad_clip=1.0)
 
 
 def get_config(preset: str = ''):

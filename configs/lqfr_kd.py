@@ -18,6 +18,8 @@ KD), attention (+ attention-map KD), both, external (output KD from precomputed
 embeddings of a non-faceflax teacher, ``data.external_teacher``, or such a teacher run
 by the project: ``faceflax.teachers``).
 """
+import functools
+
 import ml_collections
 
 from faceflax import config_defaults
@@ -25,9 +27,7 @@ from faceflax import config_defaults
 SHARED = '../shared/data'
 
 
-def optimizer(steps, batch_size, lr, warmup, weight_decay=0.05):
-  return dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
-              weight_decay=weight_decay, layer_decay=1.0, grad_clip=5.0)
+optimizer = functools.partial(config_defaults.optimizer, grad_clip=5.0)
 
 
 def get_config(preset: str = ''):

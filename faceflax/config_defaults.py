@@ -35,3 +35,12 @@ def add_run_settings(c, *, data_tfds: bool = True) -> None:
   # Init, dropout, masking and the step keys follow --config.seed (data order and
   # augmentation read config.seed directly).
   c.train.seed = c.get_ref('seed')
+
+
+def optimizer(steps, batch_size, lr, warmup, *, grad_clip, weight_decay=0.05, layer_decay=1.0,
+              **extra) -> dict:
+  """A stage's optimizer keys (AdamW, warmup then cosine decay; ``faceflax/train/optim.py``):
+  each config binds its own ``grad_clip`` (the global gradient norm) with functools.partial;
+  ``extra`` adds stage keys (loss, from_pretrained, ...)."""
+  return dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
+              weight_decay=weight_decay, layer_decay=layer_decay, grad_clip=grad_clip, **extra)
