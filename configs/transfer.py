@@ -91,8 +91,7 @@ def get_config(preset: str = ''):
   c.linear = dict(ridge_lambda=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), l2=1e-3, max_steps=500,
                   tol=1e-5)
   c.fewshot = dict(per_class=10, fraction=0.02, seeds=3)
-  c.finetune = dict(steps=200, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05,
-                    layer_decay=0.75, grad_clip=1.0)
+  c.finetune = config_defaults.optimizer(200, 64, 1e-3, 20, layer_decay=0.75, grad_clip=1.0)
   c.train = dict(log_every=50, checkpoint_every=500, keep_checkpoints=1)
   config_defaults.add_run_settings(c, data_tfds=False)
 

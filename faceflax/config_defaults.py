@@ -1,5 +1,6 @@
-"""Run-level config keys every task shares, set in one place (each ``configs/<task>.py``
-calls ``add_run_settings`` and keeps only what is specific to its method).
+"""Config keys every task shares, set in one place: the run-level keys (each
+``configs/<task>.py`` calls ``add_run_settings`` and keeps only what is specific to its
+method) and a training stage's optimizer keys (``optimizer``).
 
 Imports nothing (it only sets keys on the ConfigDict it is given), so reading a config stays
 cheap.
