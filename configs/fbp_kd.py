@@ -78,7 +78,10 @@ def get_config(preset: str = ''):
       kd=optimizer(400, 64, 3e-4, 40, layer_decay=0.9, loss='mse', from_pretrained=True,
                    reinit='', ld_weight=1.0, ld_sigma=0.5,
                    alpha=1.0, beta=1.0, output_kd='kl', temperature=2.0, feature_pairs='-1:-1',
-                   unlabeled_batch_size=0, mixup=0.0, ema_decay=0.0),
+                   unlabeled_batch_size=0, mixup=0.0, ema_decay=0.0,
+                   # 'WORKDIR/STAGE' of another run (e.g. a face_prior run's pretrain): the
+                   # student starts from its MAE params instead of student_pretrain's.
+                   init_from=''),
   )
   # A second teacher from outside faceflax (README "An external teacher for the beauty
   # student"): RBF kernel ridge on a pretrained face embedding (teacher: a faceflax.teachers

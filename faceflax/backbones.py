@@ -21,6 +21,20 @@ def select_mae_params(params) -> tuple[dict, str]:
   return params, 'plain'
 
 
+def stage_mae_params(workdir: str, stage: str, mesh, what: str) -> tuple[dict, str, str, int]:
+  """(MAE params, layout, checkpoint directory, step) of stage ``stage`` of ``workdir``, as
+  saved (its own tree; the caller loads them strictly into its model)."""
+  directory = os.path.join(workdir, stage, 'ckpt')
+  if not loop.is_done(workdir, stage):
+    logging.warning('%s: stage %s of %s is not finished; using its newest checkpoint',
+                    what, stage, workdir)
+  step, state = checkpoint.load_raw(directory, mesh_lib.replicated(mesh), what)
+  if not isinstance(state, dict) or 'params' not in state:
+    raise checkpoint.CheckpointError(f'{what}: {directory} holds no train state with params')
+  params, layout = select_mae_params(state['params'])
+  return params, layout, directory, int(step)
+
+
 def load_backbone(config, mesh) -> tuple[mae.MAE, dict, dict]:
   """(model, MAE params, report); a model that does not fit the checkpoint is an error."""
   b = config.backbone
@@ -35,14 +49,7 @@ def load_backbone(config, mesh) -> tuple[mae.MAE, dict, dict]:
                  b.model.variant)
     return model, mesh_lib.put_replicated(params, mesh), {**report, 'layout': 'scratch',
                                                           'step': 0}
-  directory = os.path.join(b.workdir, b.stage, 'ckpt')
-  if not loop.is_done(b.workdir, b.stage):
-    logging.warning('backbone: stage %s of %s is not finished; using its newest checkpoint',
-                    b.stage, b.workdir)
-  step, state = checkpoint.load_raw(directory, mesh_lib.replicated(mesh), 'backbone')
-  if not isinstance(state, dict) or 'params' not in state:
-    raise checkpoint.CheckpointError(f'backbone: {directory} holds no train state with params')
-  pretrained, layout = select_mae_params(state['params'])
+  pretrained, layout, directory, step = stage_mae_params(b.workdir, b.stage, mesh, 'backbone')
   try:
     params, loaded = state_lib.load_pretrained(params, pretrained, b.reinit,
                                                where=f'{directory} step {step}')

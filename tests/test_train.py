@@ -16,6 +16,7 @@ from faceflax.data import DataError
 from faceflax.models import mae
 from faceflax.tasks import fbp_kd
 from faceflax.train import checkpoint, loop, mesh as mesh_lib, stages
+from faceflax.train import state as state_lib
 from tests import configs_for_tests
 from tests.conftest import REPO, copy_workdir, shared_dataset, xla_flags
 
@@ -85,6 +86,26 @@ def test_one_device_equals_eight_devices(tmp_path):
   # move a parameter by a fraction of one step's size (lr = 1e-3 here).
   for k in one:
     np.testing.assert_allclose(one[k], eight[k], rtol=1e-3, atol=3e-4, err_msg=k)
+
+
+def test_student_kd_init_from_another_run(fbp_job, tmp_path):
+  """student.kd.init_from: the KD student starts from a stage of another run (here the session
+  job's student_pretrain, read as any run's: strictly, recorded); a model that does not fit
+  and a config that also pretrains the student are errors."""
+  trained, _ = fbp_job
+  config = configs_for_tests.load('fbp_kd', 'test')
+  config.update(reuse_from=str(trained), stages='student_kd')
+  config.student.kd.init_from = str(trained / 'student_pretrain')
+  app.run(config, str(tmp_path / 'from_pretrain'))
+  done = json.loads(open(loop.done_marker(str(tmp_path / 'from_pretrain'), 'student_kd')).read())
+  expected = json.loads(open(loop.done_marker(str(trained), 'student_kd')).read())['loaded']
+  assert done['loaded'] == {**expected, 'from': str(trained / 'student_pretrain')}
+  config.student.kd.init_from = str(trained / 'teacher_pretrain')  # the multi-scale teacher
+  with pytest.raises(state_lib.PretrainedMismatch, match='student.kd.init_from|teacher_pretrain'):
+    app.run(config, str(tmp_path / 'from_teacher'))
+  config.stages = 'student_pretrain,student_kd'
+  with pytest.raises(ValueError, match='replaces the student_pretrain stage'):
+    fbp_kd.check_config(config)
 
 
 def test_main_job_end_to_end_then_eval_mode(fbp_job, tmp_path):

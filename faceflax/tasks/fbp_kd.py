@@ -11,6 +11,7 @@ Stages (``config.stages``), each checkpointed under ``<workdir>/<stage>``:
   evaluate          PC / MAE / RMSE, parameter counts and FLOPs -> results.json
 """
 import functools
+import os
 
 import einops
 import flax.linen as nn
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from faceflax import config_checks, external_teacher, losses, metrics, probes, reports, teachers
+from faceflax import backbones, config_checks, external_teacher, losses, metrics, probes, reports
+from faceflax import teachers
 from faceflax.data import align as align_lib, pipeline, sources, synthetic
 from faceflax.models import heads, mae
 from faceflax.train import evaluation, job as job_lib, loop, mesh as mesh_lib, mixing, optim
@@ -370,6 +372,11 @@ def check_config(config) -> None:
       raise ValueError(f'{where}.ema_decay={cfg.ema_decay!r}: expected 0 (off) or in (0, 1)')
     if cfg.mixup < 0:
       raise ValueError(f'{where}.mixup={cfg.mixup!r}: expected 0 (off) or a Beta alpha > 0')
+  if kd.init_from and 'student_pretrain' in stages_lib.parse(config.stages, Job.known_stages()):
+    raise ValueError(f'student.kd.init_from={kd.init_from!r} replaces the student_pretrain stage: '
+                     f'leave that stage out of config.stages ({config.stages!r})')
+  if kd.init_from and not kd.from_pretrained:
+    raise ValueError(f'student.kd.init_from={kd.init_from!r} needs student.kd.from_pretrained')
   pairs = kd_pairs(kd, student, teacher)
   ext = kd.external
   if ext.teacher and ext.teacher not in teachers.TEACHERS:
@@ -475,6 +482,11 @@ class Job(job_lib.Job):
     """(params, where) of stage ``name`` when ``cfg.from_pretrained`` (restoring loads none)."""
     if not upstream or not cfg.from_pretrained:
       return None
+    if name == 'student_pretrain' and cfg.init_from:
+      where = os.path.normpath(cfg.init_from)
+      params = backbones.stage_mae_params(*os.path.split(where), self.mesh,
+                                          'student.kd.init_from')[0]
+      return params, where
     where = stages_lib.stage_dir(self.workdir, self.config.reuse_from, name)
     return self.params(name), where
 

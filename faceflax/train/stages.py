@@ -131,7 +131,8 @@ NEUTRAL_KEYS = ('stages', 'reuse_from', 'eval_batch_size', 'train.log_every',
 
 # Keys added after workdirs were trained, with the value that reproduces how those trained:
 # a config.json without such a key recorded that value.
-ADDED_KEYS = {'*.mixup': 0.0, '*.ema_decay': 0.0, '*.remat': 'none', '*.relational': 0.0}
+ADDED_KEYS = {'*.mixup': 0.0, '*.ema_decay': 0.0, '*.remat': 'none', '*.relational': 0.0,
+              '*.init_from': ''}
 
 
 def _recorded_value(recorded: dict, key: str):
