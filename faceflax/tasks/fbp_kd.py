@@ -354,7 +354,7 @@ def score_models(models: dict, examples, config, mesh, keep: dict | None = None)
 
 def check_config(config) -> None:
   """Inconsistent settings, before any data is read or step compiled (``app.run`` calls it)."""
-  stages_lib.parse(config.stages, Job.known_stages())
+  stages = stages_lib.parse(config.stages, Job.known_stages())
   fold = config.data.get('cv_fold', 0)
   if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
     raise ValueError(f'data.cv_fold={fold!r}: expected 0 (off) or a fold number >= 1')
@@ -372,7 +372,7 @@ def check_config(config) -> None:
       raise ValueError(f'{where}.ema_decay={cfg.ema_decay!r}: expected 0 (off) or in (0, 1)')
     if cfg.mixup < 0:
       raise ValueError(f'{where}.mixup={cfg.mixup!r}: expected 0 (off) or a Beta alpha > 0')
-  if kd.init_from and 'student_pretrain' in stages_lib.parse(config.stages, Job.known_stages()):
+  if kd.init_from and 'student_pretrain' in stages:
     raise ValueError(f'student.kd.init_from={kd.init_from!r} replaces the student_pretrain stage: '
                      f'leave that stage out of config.stages ({config.stages!r})')
   if kd.init_from and not kd.from_pretrained:
